@@ -1,0 +1,26 @@
+"""TempBalance: layer-wise learning-rate balancing from heavy-tailed weight spectra (HT-SR).
+
+Public API: :func:`analyze` (per-layer spectral metrics), :func:`find_layers`,
+:func:`register_layer_type`, :func:`fit_power_law`.
+"""
+
+from .analysis import AnalysisOptions, AnalysisReport, LayerRecord, analyze, analyze_layers
+from .layers import LayerRef, MatrixOptions, find_layers, register_layer_type, unwrap_model
+from .powerlaw import PowerLawFit, fit_power_law
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AnalysisOptions",
+    "AnalysisReport",
+    "LayerRecord",
+    "LayerRef",
+    "MatrixOptions",
+    "PowerLawFit",
+    "analyze",
+    "analyze_layers",
+    "find_layers",
+    "fit_power_law",
+    "register_layer_type",
+    "unwrap_model",
+]

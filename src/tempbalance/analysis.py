@@ -1,0 +1,374 @@
+"""``analyze(model)``: the spectral metrics of every layer, as a report of per-layer records.
+
+Ties the pieces together: layers -> matrices -> pooled eigenvalues -> power-law fit + norms.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterable, Iterator, Sequence, overload
+
+import numpy as np
+import torch
+from torch import nn
+
+from .layers import LayerRef, MatrixOptions, find_layers
+from .powerlaw import FIT_METHODS, HILL_CONVENTIONS, PowerLawFit, fit_power_law
+from .spectrum import PRECISIONS, pooled_spectra
+
+__all__ = ["AnalysisOptions", "LayerRecord", "AnalysisReport", "analyze", "analyze_layers", "spectral_metrics"]
+
+logger = logging.getLogger(__name__)
+
+_BATCH_ELEMENTS = 1 << 26  # weights gathered per batched eigen pass (256 MiB in float32)
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """Every knob of the measurement, validated on construction.
+
+    Attributes:
+        fit: ``"median"`` (default), ``"ks"`` or ``"fix-finger"``.
+        xmin_pos: median fit: the tail starts at ``floor(N / xmin_pos)``. Default 2.
+        hill: ``"reference"`` (default) or ``"textbook"`` Hill numerator.
+        filter_zeros: fit only eigenvalues ``> zero_threshold``. Default False.
+        zero_threshold: default 1e-5.
+        precision: ``"auto"`` (weight dtype, half upcast to float32), ``"float32"``, ``"float64"``.
+        conv_mode: ``"per_position"`` (default) or ``"flatten"``.
+        conv_norm: eigenvalue scale of per-position conv matrices. Default 0.5.
+        keep_eigenvalues: store each layer's eigenvalues (numpy) in its record.
+    """
+
+    fit: str = "median"
+    xmin_pos: float = 2
+    hill: str = "reference"
+    filter_zeros: bool = False
+    zero_threshold: float = 1e-5
+    precision: str = "auto"
+    conv_mode: str = "per_position"
+    conv_norm: float = 0.5
+    keep_eigenvalues: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fit not in FIT_METHODS:
+            raise ValueError(f"fit={self.fit!r} is not one of {tuple(FIT_METHODS)}")
+        if self.hill not in HILL_CONVENTIONS:
+            raise ValueError(f"hill={self.hill!r} is not one of {HILL_CONVENTIONS}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not one of {PRECISIONS}")
+        if not (isinstance(self.xmin_pos, (int, float)) and math.isfinite(self.xmin_pos) and self.xmin_pos >= 1):
+            raise ValueError(f"xmin_pos={self.xmin_pos!r} must be a finite number >= 1")
+        if not (isinstance(self.zero_threshold, (int, float)) and self.zero_threshold >= 0):
+            raise ValueError(f"zero_threshold={self.zero_threshold!r} must be a number >= 0")
+        MatrixOptions(self.conv_mode, self.conv_norm)  # validates both
+
+    @property
+    def matrix_options(self) -> MatrixOptions:
+        return MatrixOptions(self.conv_mode, self.conv_norm)
+
+
+@dataclass
+class LayerRecord:
+    """The spectral metrics of one layer. Eigenvalues are ``lambda = sigma^2``.
+
+    Attributes:
+        name: module name in ``model.named_modules()``.
+        kind: module class name.
+        shape: the weight's shape.
+        matrix_shape: ``(m, n)`` of each analysed matrix; ``num_matrices`` of them pooled.
+        num_eigs: eigenvalues in the spectrum.
+        alpha, xmin, ks_distance, tail_size: the power-law fit (NaN / 0 on failure).
+        lambda_max: largest eigenvalue (squared spectral norm).
+        log_spectral_norm: ``log10(lambda_max)``.
+        norm: ``sum(lambda)`` (squared Frobenius norm); ``log_norm = log10(norm)``.
+        alpha_weighted: ``alpha * log10(lambda_max)``.
+        stable_rank: ``sum(lambda) / lambda_max``.
+        entropy: ``-sum p ln p / ln(rank)``, ``p = lambda / sum(lambda)``.
+        frozen: the weight does not require grad.
+        tied_names: other modules sharing this weight.
+        reason: why the fit failed (None when it worked).
+        eigenvalues: the ascending spectrum when ``keep_eigenvalues`` (else None).
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    matrix_shape: tuple[int, int]
+    num_matrices: int
+    num_eigs: int
+    alpha: float
+    xmin: float
+    ks_distance: float
+    tail_size: int
+    lambda_max: float
+    log_spectral_norm: float
+    norm: float
+    log_norm: float
+    alpha_weighted: float
+    stable_rank: float
+    entropy: float
+    frozen: bool = False
+    tied_names: list[str] = field(default_factory=list)
+    reason: str | None = None
+    eigenvalues: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        """True when the power-law fit worked."""
+        return self.reason is None
+
+    def to_dict(self, with_eigenvalues: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["matrix_shape"] = list(self.matrix_shape)
+        eigs = d.pop("eigenvalues")
+        if with_eigenvalues and eigs is not None:
+            d["eigenvalues"] = eigs.tolist()
+        return d
+
+
+SCALAR_COLUMNS = tuple(f.name for f in fields(LayerRecord) if f.name not in ("eigenvalues",))
+
+
+def _log10(x: float) -> float:
+    return math.log10(x) if x > 0 else float("nan")
+
+
+def spectral_metrics(eigs: torch.Tensor, max_side: int) -> dict[str, float]:
+    """Norm-based metrics of an ascending spectrum (any length >= 1).
+
+    Args:
+        eigs: 1-D ascending float64 eigenvalues.
+        max_side: the larger matrix side, for the numerical-rank tolerance of the entropy.
+    """
+    lam_max = float(eigs[-1])
+    total = float(eigs.sum())
+    tol = lam_max * (max_side * torch.finfo(torch.float32).eps) ** 2
+    positive = eigs[eigs > tol]
+    rank = positive.numel()
+    if total > 0 and rank > 1:
+        p = positive / total
+        entropy = float(-(p * torch.log(p)).sum()) / math.log(rank)
+    elif total > 0:
+        entropy = 0.0
+    else:
+        entropy = float("nan")
+    return {
+        "lambda_max": lam_max,
+        "log_spectral_norm": _log10(lam_max),
+        "norm": total,
+        "log_norm": _log10(total),
+        "stable_rank": total / lam_max if lam_max > 0 else float("nan"),
+        "entropy": entropy,
+    }
+
+
+def _nan_metrics() -> dict[str, float]:
+    nan = float("nan")
+    return dict.fromkeys(("lambda_max", "log_spectral_norm", "norm", "log_norm", "stable_rank", "entropy"), nan)
+
+
+def _make_record(ref: LayerRef, stack: torch.Tensor, eigs: torch.Tensor | None, options: AnalysisOptions) -> LayerRecord:
+    m, n = stack.shape[1], stack.shape[2]
+    if eigs is None:
+        fit = PowerLawFit.failed("non-finite weights (NaN or inf)", 0)
+        metrics = _nan_metrics()
+        num_eigs = stack.shape[0] * min(m, n)
+    else:
+        fit = fit_power_law(
+            eigs,
+            options.fit,
+            xmin_pos=options.xmin_pos,
+            hill=options.hill,
+            filter_zeros=options.filter_zeros,
+            zero_threshold=options.zero_threshold,
+        )
+        metrics = spectral_metrics(eigs, max(m, n))
+        num_eigs = eigs.numel()
+    return LayerRecord(
+        name=ref.name,
+        kind=ref.kind,
+        shape=tuple(ref.weight.shape),
+        matrix_shape=(m, n),
+        num_matrices=stack.shape[0],
+        num_eigs=num_eigs,
+        alpha=fit.alpha,
+        xmin=fit.xmin,
+        ks_distance=fit.ks_distance,
+        tail_size=fit.tail_size,
+        alpha_weighted=fit.alpha * metrics["log_spectral_norm"],
+        frozen=ref.frozen,
+        tied_names=list(ref.tied_names),
+        reason=fit.reason,
+        eigenvalues=eigs.cpu().numpy() if (options.keep_eigenvalues and eigs is not None) else None,
+        **metrics,
+    )
+
+
+def _batches(refs: Sequence[LayerRef]) -> Iterator[list[LayerRef]]:
+    batch: list[LayerRef] = []
+    size = 0
+    for ref in refs:
+        batch.append(ref)
+        size += ref.weight.numel()
+        if size >= _BATCH_ELEMENTS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def analyze_layers(
+    refs: Sequence[LayerRef], options: AnalysisOptions | None = None, progress: Any = None
+) -> list[LayerRecord]:
+    """Measure the given layers (see :func:`find_layers`), in order.
+
+    Weights are read without modification or autograd; each batch of layers is solved with
+    one ``eigvalsh`` call per matrix shape, on the weights' own device.
+
+    Args:
+        refs: the layers.
+        options: the measurement settings (default :class:`AnalysisOptions`).
+        progress: optional object with ``update(n)`` (e.g. a tqdm bar), advanced per layer.
+    """
+    options = options or AnalysisOptions()
+    records: list[LayerRecord] = []
+    mopts = options.matrix_options
+    for batch in _batches(refs):
+        stacks = [ref.matrices(mopts) for ref in batch]
+        finite = [bool(torch.isfinite(s).all()) for s in stacks]
+        spectra = pooled_spectra([s for s, ok in zip(stacks, finite) if ok], options.precision)
+        spectra_iter = iter(spectra)
+        for ref, stack, ok in zip(batch, stacks, finite):
+            eigs = next(spectra_iter) if ok else None
+            record = _make_record(ref, stack, eigs, options)
+            if record.reason:
+                logger.debug("layer %s: no fit (%s)", record.name, record.reason)
+            records.append(record)
+            if progress is not None:
+                progress.update(1)
+        del stacks, spectra
+    return records
+
+
+class AnalysisReport(Sequence[LayerRecord]):
+    """An ordered sequence of :class:`LayerRecord`, indexable by position or layer name."""
+
+    def __init__(self, records: Iterable[LayerRecord], options: AnalysisOptions):
+        self._records = list(records)
+        self._by_name = {r.name: r for r in self._records}
+        self.options = options
+
+    @overload
+    def __getitem__(self, key: int) -> LayerRecord: ...
+    @overload
+    def __getitem__(self, key: str) -> LayerRecord: ...
+    @overload
+    def __getitem__(self, key: slice) -> list[LayerRecord]: ...
+
+    def __getitem__(self, key):  # type: ignore[override]
+        if isinstance(key, str):
+            if key not in self._by_name:
+                raise KeyError(f"no analysed layer named {key!r}; layers: {list(self._by_name)}")
+            return self._by_name[key]
+        return self._records[key]
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __repr__(self) -> str:
+        return f"AnalysisReport({len(self)} layers, fit={self.options.fit!r})"
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self._records]
+
+    def alphas(self) -> dict[str, float]:
+        """``{layer name: alpha}`` (NaN for failed fits)."""
+        return {r.name: r.alpha for r in self._records}
+
+    def to_dict(self, with_eigenvalues: bool = False) -> dict[str, dict[str, Any]]:
+        """``{layer name: record as a dict}``, in layer order."""
+        return {r.name: r.to_dict(with_eigenvalues) for r in self._records}
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """One dict per layer, in order (no eigenvalues)."""
+        return [r.to_dict() for r in self._records]
+
+    def to_csv(self, path: str) -> None:
+        """Write one row per layer with the scalar columns."""
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(SCALAR_COLUMNS))
+            writer.writeheader()
+            for row in self.to_records():
+                row["shape"] = "x".join(map(str, row["shape"]))
+                row["matrix_shape"] = "x".join(map(str, row["matrix_shape"]))
+                row["tied_names"] = ";".join(row["tied_names"])
+                row["reason"] = row["reason"] or ""
+                writer.writerow(row)
+
+    def to_pandas(self):  # -> pandas.DataFrame
+        """A DataFrame with one row per layer (requires pandas)."""
+        try:
+            import pandas as pd
+        except ImportError as exc:
+            raise ImportError("to_pandas() needs pandas: pip install pandas") from exc
+        return pd.DataFrame(self.to_records(), columns=list(SCALAR_COLUMNS))
+
+
+def analyze(
+    model: nn.Module,
+    fit: str = "median",
+    *,
+    types: Iterable[type] | None = None,
+    split_qkv: bool = False,
+    include_frozen: bool = True,
+    progress: bool = False,
+    **options: Any,
+) -> AnalysisReport:
+    """Spectral (HT-SR) analysis of every layer of ``model``.
+
+    Args:
+        model: any ``nn.Module`` (DDP / torch.compile wrappers are unwrapped).
+        fit: ``"median"`` (the TempBalance reference, default), ``"ks"`` (Clauset / the
+            WeightWatcher fit) or ``"fix-finger"``.
+        types: module types to analyse (default: Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d,
+            Embedding, GPT-2 Conv1D, MultiheadAttention's fused projection, and any type
+            added with :func:`tempbalance.register_layer_type`).
+        split_qkv: analyse a MultiheadAttention fused q/k/v projection as three layers.
+        include_frozen: include layers whose weight does not require grad (marked ``frozen``).
+        progress: show a tqdm progress bar (if tqdm is installed).
+        **options: any field of :class:`AnalysisOptions` (``xmin_pos``, ``hill``,
+            ``filter_zeros``, ``zero_threshold``, ``precision``, ``conv_mode``, ``conv_norm``,
+            ``keep_eigenvalues``).
+
+    Returns:
+        An :class:`AnalysisReport`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"analyze() expects an nn.Module, got {type(model).__name__}")
+    unknown = set(options) - {f.name for f in fields(AnalysisOptions)}
+    if unknown:
+        accepted = sorted(f.name for f in fields(AnalysisOptions) if f.name != "fit")
+        raise TypeError(f"analyze() got unknown option(s) {sorted(unknown)}; accepted: {accepted}")
+    opts = AnalysisOptions(fit=fit, **options)
+    refs = find_layers(model, types, split_qkv=split_qkv, include_frozen=include_frozen)
+    bar = _progress_bar(len(refs)) if progress else None
+    try:
+        records = analyze_layers(refs, opts, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return AnalysisReport(records, opts)
+
+
+def _progress_bar(total: int):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="analyzing layers", unit="layer", leave=False)

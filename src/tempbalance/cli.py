@@ -1,0 +1,65 @@
+"""The ``tempbalance`` command line: analyze | train | sweep | report | demo | data.
+
+Each subcommand lives in ``tempbalance.commands.<name>`` with ``register(subparsers)``;
+errors are printed as one line (exit 2) unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from .errors import TempBalanceError
+
+COMMANDS = ("analyze", "train", "sweep", "report", "demo", "data")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tempbalance",
+        description="Layer-wise spectral analysis (HT-SR) and TempBalance training for PyTorch.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"tempbalance.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("tempbalance.commands"):
+                continue  # command not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point. Returns the exit status (0 ok, 2 bad input, 1 unexpected error, 130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s")
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (TempBalanceError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, KeyError) as exc:
+        if debug:
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"tempbalance: error: {message}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the CLI promises one line without --debug
+        if debug:
+            raise
+        print(f"tempbalance: error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The experiment harness: data, models, methods, training loop, checkpoints, reports."""

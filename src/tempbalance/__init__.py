@@ -7,6 +7,9 @@ Public API: :func:`analyze` (per-layer spectral metrics), :func:`find_layers`,
 from .analysis import AnalysisOptions, AnalysisReport, LayerRecord, analyze, analyze_layers
 from .layers import LayerRef, MatrixOptions, find_layers, register_layer_type, unwrap_model
 from .powerlaw import PowerLawFit, fit_power_law
+from .assign import create_assign, register_assign, register_metric
+from .groups import LayerSelection, param_groups, plan_balance, register_norm_type
+from .scheduler import TempBalance
 
 __version__ = "0.1.0"
 
@@ -23,4 +26,12 @@ __all__ = [
     "fit_power_law",
     "register_layer_type",
     "unwrap_model",
+    "TempBalance",
+    "param_groups",
+    "plan_balance",
+    "LayerSelection",
+    "create_assign",
+    "register_assign",
+    "register_metric",
+    "register_norm_type",
 ]

@@ -1,0 +1,412 @@
+"""The training loop: :func:`run_training` builds data, model and method from a :class:`TrainConfig`,
+trains epoch by epoch with metrics and an atomic checkpoint each epoch, and resumes exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError, TempBalanceError
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import RESULT_NEUTRAL_FIELDS, TrainConfig
+from .methods import MethodParts, balanced_rates, build_method, global_lr
+from .metrics import MetricsWriter
+
+__all__ = ["run_training", "resolve_device", "summary_line", "SUMMARY_NAME"]
+
+log = logging.getLogger(__name__)
+
+SUMMARY_NAME = "summary.json"
+CHECKPOINT_FORMAT = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; other names as given (checked to exist)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available here; use device='cpu' or 'auto'")
+    return device
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM: the loop stops at the next batch, keeping the last checkpoint."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second signal: stop right away
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("received %s: stopping after the current batch", signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _run_environment(config: TrainConfig, device: torch.device, stop: _StopFlag) -> Iterator[None]:
+    """Threads, determinism and signal handlers for the run; everything restored afterwards."""
+    previous_threads = torch.get_num_threads()
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    previous_benchmark = torch.backends.cudnn.benchmark
+    handlers: dict[int, Any] = {}
+    try:
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
+        torch.backends.cudnn.benchmark = not config.deterministic and device.type == "cuda"
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                handlers[signum] = signal.signal(signum, stop)
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        torch.backends.cudnn.benchmark = previous_benchmark
+        torch.use_deterministic_algorithms(previous_deterministic, warn_only=previous_warn_only)
+        torch.set_num_threads(previous_threads)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _build_model(config: TrainConfig, dataset: Any, device: torch.device) -> nn.Module:
+    from . import models as models_module
+
+    info = dataset.info
+    extras: dict[str, Any] = {}
+    if config.model == "mlp":
+        x, _ = next(iter(dataset.test_batches(1)))
+        extras["in_features"] = int(x[0].numel()) // info.in_channels
+    model = models_module.create_model(config.model, info.num_classes, info.in_channels, config.width, **extras)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    use = config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda")
+    if not use:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _prepare(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda" and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig, out: Path) -> None:
+    current = config.to_dict()
+    changed = [
+        f"{key}: {saved.get(key)!r} -> {current[key]!r}"
+        for key in current
+        if key not in RESULT_NEUTRAL_FIELDS and saved.get(key) != current[key]
+    ]
+    if changed:
+        raise ConfigError(
+            f"cannot resume {out}: settings differ from the checkpoint's ({'; '.join(changed)}); "
+            "use the same settings or another out directory"
+        )
+
+
+def _train_epoch(
+    model: nn.Module,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    parts: MethodParts,
+    dataset: Any,
+    config: TrainConfig,
+    epoch: int,
+    device: torch.device,
+    bar: Any,
+    stop: _StopFlag,
+) -> tuple[float, float] | None:
+    """One epoch; returns (mean loss, accuracy %) or None when stopped by a signal."""
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    total_loss = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    for x, y in dataset.train_batches(config.batch_size, epoch=epoch, seed=config.seed, augment=config.augment):
+        if stop.signum is not None:
+            return None
+        x = _prepare(x, device)
+        with _autocast(config, device):
+            logits = forward(x)
+            loss = loss_fn(logits.float(), y)
+        parts.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if parts.regularizer is not None:
+            parts.regularizer.apply()
+        parts.optimizer.step()
+        total_loss += loss.detach().double() * y.shape[0]
+        correct += (logits.detach().argmax(dim=1) == y).sum()
+        seen += y.shape[0]
+        bar.update(1)
+    if stop.signum is not None:
+        return None
+    if seen == 0:
+        raise TempBalanceError(f"epoch {epoch + 1} saw no training batch (batch_size={config.batch_size} too large?)")
+    return float(total_loss) / seen, 100.0 * float(correct) / seen
+
+
+@torch.no_grad()
+def _evaluate(
+    model: nn.Module,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    dataset: Any,
+    config: TrainConfig,
+    device: torch.device,
+) -> tuple[float, float]:
+    """(mean loss, accuracy %) on the test set."""
+    model.eval()
+    total_loss = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    for x, y in dataset.test_batches(config.eval_batch_size):
+        with _autocast(config, device):
+            logits = forward(_prepare(x, device)).float()
+        total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").double()
+        correct += (logits.argmax(dim=1) == y).sum()
+        seen += y.shape[0]
+    if seen == 0:
+        raise TempBalanceError(f"the test set of {config.dataset!r} is empty")
+    return float(total_loss) / seen, 100.0 * float(correct) / seen
+
+
+def _layer_alphas(parts: MethodParts) -> dict[str, float]:
+    if parts.balancer is None or not parts.balancer.history:
+        return {}
+    alphas = {entry.layer: float(entry.alpha) for entry in parts.balancer.history[-1].layers}
+    return {name: (value if math.isfinite(value) else None) for name, value in alphas.items()}
+
+
+def _summary(config: TrainConfig, rows: list[dict[str, Any]], status: str) -> dict[str, Any]:
+    best = max(rows, key=lambda row: row["test_acc"]) if rows else None
+    last = rows[-1] if rows else {}
+    return {
+        "status": status,
+        "dataset": config.dataset,
+        "model": config.model,
+        "method": config.method,
+        "seed": config.seed,
+        "tag": config.tag,
+        "lr": config.lr,
+        "epochs": config.epochs,
+        "epochs_done": len(rows),
+        "final_test_acc": last.get("test_acc"),
+        "final_test_loss": last.get("test_loss"),
+        "final_train_loss": last.get("train_loss"),
+        "final_train_acc": last.get("train_acc"),
+        "best_test_acc": best["test_acc"] if best else None,
+        "best_epoch": best["epoch"] if best else None,
+        "train_time_s": sum(row["epoch_time"] for row in rows),
+    }
+
+
+def _progress_bar(total: int, enabled: bool, desc: str):
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            log.debug("tqdm is not installed: no progress bar")
+        else:
+            return tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True)
+    return contextlib.nullcontext(_NoBar())
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        """Ignore progress."""
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        """Ignore progress."""
+
+
+def run_training(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
+    """Train one run to completion (or to ``stop_after`` / a SIGINT/SIGTERM) and return its summary.
+
+    With ``config.out`` set, the run directory gets ``config.json`` (every resolved setting),
+    ``metrics.jsonl`` / ``metrics.csv`` (one row per epoch: ``epoch``, ``lr`` (global rate used),
+    ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc`` (accuracies in %), ``epoch_time`` (s)
+    and, when balancing, ``alpha`` / ``layer_lr`` per layer), ``checkpoint.pt`` after every epoch
+    (``checkpoint.prev.pt`` the one before), and ``summary.json`` once finished.
+    ``config.resume`` continues from the checkpoint with identical results (CPU, deterministic).
+
+    Returns:
+        The summary dict: ``status`` (``"finished"``, ``"stopped"`` at ``stop_after``, or
+        ``"interrupted"`` with ``signal``), final / best test accuracy, epochs done, train time.
+
+    Raises:
+        ConfigError: a bad setting, or an existing run in ``out`` without ``resume``.
+        CheckpointError: ``resume`` but no checkpoint can be read.
+    """
+    config = TrainConfig.from_dict(config) if isinstance(config, dict) else config
+    config.validate()
+    device = resolve_device(config.device)
+    out = Path(config.out) if config.out is not None else None
+    state = None
+    if out is not None:
+        if (out / SUMMARY_NAME).exists() and config.resume:
+            if (out / "config.json").exists():
+                _check_resumable(json.loads((out / "config.json").read_text()), config, out)
+            log.info("%s is already finished", out)
+            return json.loads((out / SUMMARY_NAME).read_text())
+        state = load_checkpoint(out)
+        if state is not None and not config.resume:
+            raise ConfigError(
+                f"{out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out"
+            )
+        if state is not None:
+            _check_resumable(state["config"], config, out)
+    stop = _StopFlag()
+    with _run_environment(config, device, stop):
+        return _train(config, device, out, state, stop)
+
+
+def _train(config: TrainConfig, device: torch.device, out: Path | None, state: dict | None, stop: _StopFlag) -> dict:
+    from . import data as data_module
+
+    dataset = data_module.load_dataset(
+        config.dataset,
+        config.data_dir,
+        device=device,
+        train_fraction=config.train_fraction,
+        seed=config.seed,
+        download=config.download,
+    )
+    _seed_everything(config.seed)
+    model = _build_model(config, dataset, device)
+    parts = build_method(model, config)
+    forward = torch.compile(model) if config.compile else model
+    rows: list[dict[str, Any]] = []
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        parts.optimizer.load_state_dict(state["optimizer"])
+        parts.scheduler.load_state_dict(state["scheduler"])
+        if parts.regularizer is not None:
+            parts.regularizer.load_state_dict(state["regularizer"])
+        set_rng_state(state["rng"])
+        rows = list(state["metrics"])
+        start = int(state["epoch"])
+        log.info("resuming %s at epoch %d of %d", out, start + 1, config.epochs)
+
+    def checkpoint(epoch: int) -> None:
+        save_checkpoint(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "epoch": epoch,
+                "config": config.to_dict(),
+                "model": model.state_dict(),
+                "optimizer": parts.optimizer.state_dict(),
+                "scheduler": parts.scheduler.state_dict(),
+                "regularizer": parts.regularizer.state_dict() if parts.regularizer is not None else None,
+                "rng": rng_state(),
+                "metrics": rows,
+            },
+            out,
+        )
+
+    writer = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = dict(config.to_dict(), device=str(device), model=config.model)
+        resolved["environment"] = {
+            "torch": torch.__version__,
+            "num_train": getattr(dataset, "num_train", None),
+            "num_test": getattr(dataset, "num_test", None),
+            "threads": torch.get_num_threads(),
+        }
+        (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+        writer = MetricsWriter(out)
+        if state is None:
+            checkpoint(0)
+    end = min(config.epochs, config.stop_after or config.epochs)
+    per_epoch = dataset.len_train_batches(config.batch_size)
+    status = "finished" if end == config.epochs else "stopped"
+    desc = f"{config.method} {config.dataset}/{config.model} seed {config.seed}"
+    try:
+        with _progress_bar(per_epoch * max(0, end - start), config.progress, desc) as bar:
+            for epoch in range(start, end):
+                if stop.signum is not None:
+                    status = "interrupted"
+                    break
+                started = time.perf_counter()
+                lr, rates = global_lr(parts.optimizer), balanced_rates(parts.optimizer)
+                trained = _train_epoch(model, forward, parts, dataset, config, epoch, device, bar, stop)
+                if trained is None:
+                    status = "interrupted"
+                    break
+                train_loss, train_acc = trained
+                if not math.isfinite(train_loss):
+                    raise TempBalanceError(
+                        f"training diverged: train loss {train_loss} in epoch {epoch + 1} "
+                        f"(method {config.method}, lr {config.lr}); lower the learning rate"
+                    )
+                test_loss, test_acc = _evaluate(model, forward, dataset, config, device)
+                parts.scheduler.step()
+                row: dict[str, Any] = {
+                    "epoch": epoch + 1,
+                    "lr": lr,
+                    "train_loss": train_loss,
+                    "train_acc": train_acc,
+                    "test_loss": test_loss,
+                    "test_acc": test_acc,
+                    "epoch_time": time.perf_counter() - started,
+                }
+                if parts.balancer is not None:
+                    row["alpha"] = _layer_alphas(parts)
+                    row["layer_lr"] = rates
+                rows.append(row)
+                if out is not None:
+                    writer.write(rows)
+                    checkpoint(epoch + 1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{train_loss:.3f}", test_acc=f"{test_acc:.2f}")
+    finally:
+        if writer is not None:
+            writer.close()
+    summary = _summary(config, rows, status)
+    if status == "interrupted":
+        summary["signal"] = stop.signum
+        where = f"; checkpoint of epoch {len(rows)} in {out}, continue with --resume" if out else ""
+        log.warning("interrupted by %s during epoch %d%s", signal.Signals(stop.signum).name, len(rows) + 1, where)
+    elif status == "finished" and out is not None:
+        tmp = out / f".{SUMMARY_NAME}.tmp"
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, out / SUMMARY_NAME)
+    log.debug(summary_line(summary))
+    return summary
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """One line: status, method, data set/model, seed, epochs done, final and best test accuracy, time."""
+    def pct(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.2f}%"
+
+    return (
+        f"{summary['status']}: {summary['method']} on {summary['dataset']}/{summary['model']} seed {summary['seed']}, "
+        f"{summary['epochs_done']}/{summary['epochs']} epochs, final test acc {pct(summary['final_test_acc'])}, "
+        f"best {pct(summary['best_test_acc'])}, {summary['train_time_s']:.1f} s"
+    )

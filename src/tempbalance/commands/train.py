@@ -6,6 +6,7 @@ Every flag maps to a field of :class:`tempbalance.train.TrainConfig`; unset flag
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 # flag -> (TrainConfig field, type, help)
@@ -15,7 +16,7 @@ OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--method", "method", str, "cal, snr, tb, tb+snr, sgdr, lars, lamb, lookahead, sgdp, tb+sgdp; default cal"),
     ("--epochs", "epochs", int, "number of epochs; default 200"),
     ("--lr", "lr", float, "initial (global) learning rate; default 0.1"),
-    ("--batch-size", "batch_size", int, "training batch size; default 128"),
+    ("--batch-size", "batch_size", int, "training batch size per process; default 128 (global: x processes)"),
     ("--weight-decay", "weight_decay", float, "weight decay; default 5e-4"),
     ("--momentum", "momentum", float, "SGD momentum; default 0.9"),
     ("--seed", "seed", int, "seed of weights, batch order and augmentation; default 43"),
@@ -40,6 +41,7 @@ SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
     ("--resume", "resume", True, "continue the run in --out from its checkpoint"),
     ("--download", "download", True, "fetch a missing data set into --data-dir (cifar10/cifar100/svhn)"),
     ("--compile", "compile", True, "wrap the model in torch.compile"),
+    ("--sync-bn", "sync_bn", True, "under torchrun: SyncBatchNorm over the global batch (CUDA only)"),
     ("--no-progress", "progress", False, "no progress bar"),
     ("--no-augment", "augment", False, "no data augmentation"),
     ("--no-deterministic", "deterministic", False, "allow non-deterministic kernels (faster on GPU)"),
@@ -48,7 +50,12 @@ SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train`` command."""
-    parser = subparsers.add_parser("train", help="train one model with one method (CAL, TB, SNR, ...)")
+    parser = subparsers.add_parser(
+        "train",
+        help="train one model with one method (CAL, TB, SNR, ...)",
+        description="Train one model with one method. Under `torchrun --nproc-per-node N` the run is "
+        "data-parallel (DDP): --batch-size is per process, rank 0 writes the files, --resume works the same.",
+    )
     for flag, dest, kind, text in OPTIONS:
         parser.add_argument(flag, dest=dest, type=kind, default=None, help=text)
     for flag, dest, value, text in SWITCHES:
@@ -66,12 +73,14 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train; print the summary line. Exit 0 when finished or stopped, 128 + signal when interrupted."""
+    """Train; print the summary line (rank 0 only under torchrun). Exit 0 when finished or stopped,
+    128 + signal when interrupted."""
     from ..train import run_training
     from ..train.loop import summary_line
 
     summary = run_training(config_from_args(args))
-    print(summary_line(summary))
+    if os.environ.get("RANK", "0") == "0":
+        print(summary_line(summary))
     if summary["status"] == "interrupted":
         return 128 + int(summary["signal"])
     return 0

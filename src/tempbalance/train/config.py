@@ -35,7 +35,8 @@ class TrainConfig:
         method: a name in ``tempbalance.train.methods.METHODS`` (``cal``, ``snr``, ``tb``, ...).
         epochs: number of epochs (>= 1), default 200.
         lr: initial (global) learning rate (> 0), default 0.1.
-        batch_size: training batch size, default 128 (evaluation uses ``eval_batch_size``).
+        batch_size: training batch size per process, default 128 (evaluation uses ``eval_batch_size``);
+            under torchrun the global batch is ``batch_size * WORLD_SIZE`` (logged in ``config.json``).
         weight_decay: L2 weight decay (>= 0), default 5e-4.
         momentum: SGD momentum, default 0.9 (LARS ignores it: the paper's LARS has none).
         seed: seed of the weights, the batch order and the augmentation, default 43.
@@ -57,6 +58,8 @@ class TrainConfig:
         augment: random crop + flip (images) as the data layer defines it, default True.
         amp: ``"auto"`` (bf16 autocast on CUDA only), ``"bf16"`` or ``"off"``.
         compile: wrap the model in ``torch.compile``, default False.
+        sync_bn: under torchrun, convert BatchNorm to ``SyncBatchNorm`` (statistics over the global
+            batch; CUDA only), default False: each rank normalises with its own batch, as DDP does.
         deterministic: ``torch.use_deterministic_algorithms`` during the run, default True.
         num_threads: torch CPU threads for the run (None = leave as is).
         eval_batch_size: batch size for the test set, default 512.
@@ -96,6 +99,7 @@ class TrainConfig:
     augment: bool = True
     amp: str = "auto"
     compile: bool = False
+    sync_bn: bool = False
     deterministic: bool = True
     num_threads: int | None = None
     eval_batch_size: int = 512
@@ -175,6 +179,8 @@ class TrainConfig:
             _positive_int("stop_after", self.stop_after)
         if self.data_dir is not None and not os.path.isdir(self.data_dir):
             raise FileNotFoundError(f"data_dir {self.data_dir!r} does not exist or is not a directory")
+        if not isinstance(self.sync_bn, bool):
+            raise ConfigError(f"sync_bn={self.sync_bn!r} must be true or false")
         if self.resume and self.out is None:
             raise ConfigError("resume=True needs an output directory (out) holding checkpoint.pt")
         return self

@@ -1,5 +1,5 @@
 """The training loop: :func:`run_training` builds data, model and method from a :class:`TrainConfig`,
-trains epoch by epoch with metrics and an atomic checkpoint each epoch, and resumes exactly.
+trains epoch by epoch with metrics and an atomic checkpoint each epoch, and resumes exactly (also under torchrun).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import ConfigError, TempBalanceError
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RESULT_NEUTRAL_FIELDS, TrainConfig
+from .distributed_run import DistContext, StopVote, detect_launch, distributed_context, rank_seed, summed, wrap_model
 from .methods import MethodParts, balanced_rates, build_method, global_lr
 from .metrics import MetricsWriter
 
@@ -50,12 +51,24 @@ class _StopFlag:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.agreed: int | None = None
 
     def __call__(self, signum: int, frame: Any) -> None:
         if self.signum is not None:  # a second signal: stop right away
             raise KeyboardInterrupt
         self.signum = signum
         log.warning("received %s: stopping after the current batch", signal.Signals(signum).name)
+
+    def record(self, agreed: int) -> bool:
+        """Keep the signal number the ranks agreed on (0: none); True when they stop."""
+        self.agreed = agreed or None
+        return self.agreed is not None
+
+    def agree(self, ctx: DistContext) -> bool:
+        """True when this or any other rank received a signal; every rank must call it at the same
+        point (a collective under torchrun), so that all ranks stop together.
+        ``agreed`` then holds the signal number (the largest one received)."""
+        return self.record(ctx.max_int(self.signum or 0))
 
 
 @contextlib.contextmanager
@@ -119,10 +132,11 @@ def _prepare(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig, out: Path) -> None:
     current = config.to_dict()
+    defaults = TrainConfig().to_dict()  # a field added after the run was saved had its default then
     changed = [
-        f"{key}: {saved.get(key)!r} -> {current[key]!r}"
+        f"{key}: {saved.get(key, defaults[key])!r} -> {current[key]!r}"
         for key in current
-        if key not in RESULT_NEUTRAL_FIELDS and saved.get(key) != current[key]
+        if key not in RESULT_NEUTRAL_FIELDS and saved.get(key, defaults[key]) != current[key]
     ]
     if changed:
         raise ConfigError(
@@ -141,15 +155,23 @@ def _train_epoch(
     device: torch.device,
     bar: Any,
     stop: _StopFlag,
+    ctx: DistContext,
 ) -> tuple[float, float] | None:
-    """One epoch; returns (mean loss, accuracy %) or None when stopped by a signal."""
+    """One epoch on this rank's shard; returns (mean loss, accuracy %) over all ranks, or None
+    when a signal reached any rank (all ranks agree on the batch where they stop)."""
     model.train()
     loss_fn = nn.CrossEntropyLoss()
     total_loss = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = 0
-    for x, y in dataset.train_batches(config.batch_size, epoch=epoch, seed=config.seed, augment=config.augment):
-        if stop.signum is not None:
+    seen = torch.zeros((), device=device, dtype=torch.int64)
+    batches = dataset.train_batches(
+        config.batch_size, epoch=epoch, seed=config.seed, augment=config.augment,
+        rank=ctx.rank, world_size=ctx.world_size,
+    )
+    vote = StopVote(ctx)  # all ranks stop at the same batch, without a blocking round trip per batch
+    for x, y in batches:
+        if stop.record(vote.cast(stop.signum or 0)):
+            vote.close()
             return None
         x = _prepare(x, device)
         with _autocast(config, device):
@@ -164,11 +186,12 @@ def _train_epoch(
         correct += (logits.detach().argmax(dim=1) == y).sum()
         seen += y.shape[0]
         bar.update(1)
-    if stop.signum is not None:
+    if stop.record(vote.settle(stop.signum or 0)):
         return None
-    if seen == 0:
+    total_loss, total_correct, total_seen = summed(ctx, [total_loss, correct, seen])
+    if total_seen == 0:
         raise TempBalanceError(f"epoch {epoch + 1} saw no training batch (batch_size={config.batch_size} too large?)")
-    return float(total_loss) / seen, 100.0 * float(correct) / seen
+    return total_loss / total_seen, 100.0 * total_correct / total_seen
 
 
 @torch.no_grad()
@@ -178,21 +201,23 @@ def _evaluate(
     dataset: Any,
     config: TrainConfig,
     device: torch.device,
+    ctx: DistContext,
 ) -> tuple[float, float]:
-    """(mean loss, accuracy %) on the test set."""
+    """(mean loss, accuracy %) on the whole test set; each rank evaluates its shard, the sums are reduced."""
     model.eval()
     total_loss = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = 0
-    for x, y in dataset.test_batches(config.eval_batch_size):
+    seen = torch.zeros((), device=device, dtype=torch.int64)
+    for x, y in dataset.test_batches(config.eval_batch_size, rank=ctx.rank, world_size=ctx.world_size):
         with _autocast(config, device):
             logits = forward(_prepare(x, device)).float()
         total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").double()
         correct += (logits.argmax(dim=1) == y).sum()
         seen += y.shape[0]
-    if seen == 0:
+    total_loss, total_correct, total_seen = summed(ctx, [total_loss, correct, seen])
+    if total_seen == 0:
         raise TempBalanceError(f"the test set of {config.dataset!r} is empty")
-    return float(total_loss) / seen, 100.0 * float(correct) / seen
+    return total_loss / total_seen, 100.0 * total_correct / total_seen
 
 
 def _layer_alphas(parts: MethodParts) -> dict[str, float]:
@@ -254,6 +279,14 @@ def run_training(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     (``checkpoint.prev.pt`` the one before), and ``summary.json`` once finished.
     ``config.resume`` continues from the checkpoint with identical results (CPU, deterministic).
 
+    Under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` set, more than one process) the
+    run is data-parallel: a process group is set up (NCCL on ``cuda:LOCAL_RANK``, else gloo) and torn
+    down at the end, the model is wrapped in ``DistributedDataParallel`` (same initial weights on every
+    rank), each rank trains on its own shard with ``batch_size`` examples per step (the global batch
+    is ``batch_size * world_size``), losses and accuracies are summed over ranks (whole training and
+    test sets), and only rank 0 writes files (checkpoints hold the unwrapped model's state dict,
+    loadable by a single process) and shows progress. Every rank returns the summary.
+
     Returns:
         The summary dict: ``status`` (``"finished"``, ``"stopped"`` at ``stop_after``, or
         ``"interrupted"`` with ``signal``), final / best test accuracy, epochs done, train time.
@@ -264,28 +297,71 @@ def run_training(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     """
     config = TrainConfig.from_dict(config) if isinstance(config, dict) else config
     config.validate()
-    device = resolve_device(config.device)
+    launch = detect_launch()
     out = Path(config.out) if config.out is not None else None
-    state = None
-    if out is not None:
-        if (out / SUMMARY_NAME).exists() and config.resume:
-            if (out / "config.json").exists():
-                _check_resumable(json.loads((out / "config.json").read_text()), config, out)
-            log.info("%s is already finished", out)
-            return json.loads((out / SUMMARY_NAME).read_text())
-        state = load_checkpoint(out)
-        if state is not None and not config.resume:
-            raise ConfigError(
-                f"{out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out"
-            )
-        if state is not None:
-            _check_resumable(state["config"], config, out)
     stop = _StopFlag()
-    with _run_environment(config, device, stop):
-        return _train(config, device, out, state, stop)
+    with distributed_context(config.device, launch) as (ctx, rank_device):
+        device = rank_device if rank_device is not None else resolve_device(config.device)
+        opened: Any = None
+        if ctx.is_main:
+            try:
+                opened = _open_run(config, out)
+            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+                opened = exc
+        opened = ctx.broadcast(opened)
+        if isinstance(opened, Exception):
+            raise opened
+        finished, state = opened
+        if finished is not None:
+            return finished
+        with _run_environment(config, device, stop):
+            return _train(config, device, out, state, stop, ctx)
 
 
-def _train(config: TrainConfig, device: torch.device, out: Path | None, state: dict | None, stop: _StopFlag) -> dict:
+def _open_run(config: TrainConfig, out: Path | None) -> tuple[dict | None, dict | None]:
+    """``(summary, None)`` for a finished run being resumed, ``(None, checkpoint or None)`` otherwise.
+
+    Raises:
+        ConfigError: a run exists in ``out`` without ``resume``, or with other settings.
+        CheckpointError: ``resume`` but no checkpoint can be read.
+    """
+    if out is None:
+        return None, None
+    if (out / SUMMARY_NAME).exists() and config.resume:
+        if (out / "config.json").exists():
+            _check_resumable(json.loads((out / "config.json").read_text()), config, out)
+        log.info("%s is already finished", out)
+        return json.loads((out / SUMMARY_NAME).read_text()), None
+    state = load_checkpoint(out)
+    if state is not None and not config.resume:
+        raise ConfigError(
+            f"{out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out"
+        )
+    if state is not None:
+        _check_resumable(state["config"], config, out)
+    return None, state
+
+
+def _restore_rng(state: dict[str, Any], ctx: DistContext) -> None:
+    """Each rank's random state from the checkpoint; rank 0's when the world size changed."""
+    saved_world = int(state.get("world_size", 1))
+    per_rank = state.get("rng_per_rank")
+    if saved_world == ctx.world_size and per_rank is not None:
+        set_rng_state(per_rank[ctx.rank])
+        return
+    if saved_world != ctx.world_size and ctx.is_main:
+        log.warning(
+            "the checkpoint was written by %d process(es), resuming with %d: the global batch and the data "
+            "shards change, so the run will not match an uninterrupted one", saved_world, ctx.world_size,
+        )
+    set_rng_state(state["rng"])
+    if ctx.enabled:
+        _seed_everything(rank_seed(int(state["config"]["seed"]) + int(state["epoch"]), ctx.rank))
+
+
+def _train(
+    config: TrainConfig, device: torch.device, out: Path | None, state: dict | None, stop: _StopFlag, ctx: DistContext
+) -> dict:
     from . import data as data_module
 
     dataset = data_module.load_dataset(
@@ -296,10 +372,20 @@ def _train(config: TrainConfig, device: torch.device, out: Path | None, state: d
         seed=config.seed,
         download=config.download,
     )
-    _seed_everything(config.seed)
+    _seed_everything(config.seed)  # the same initial weights on every rank
     model = _build_model(config, dataset, device)
+    wrapped = wrap_model(model, ctx, device, sync_bn=config.sync_bn)
     parts = build_method(model, config)
-    forward = torch.compile(model) if config.compile else model
+    if ctx.enabled:  # dropout and other global-RNG draws differ per rank
+        _seed_everything(rank_seed(config.seed, ctx.rank))
+    forward = torch.compile(wrapped) if config.compile else wrapped
+    # Evaluation runs the inner model: DDP's forward would broadcast buffers, a collective per batch.
+    evaluate = forward if not ctx.enabled else (torch.compile(model) if config.compile else model)
+    if ctx.enabled and config.batch_size == 1 and dataset.num_train % ctx.world_size:
+        raise ConfigError(
+            f"batch_size=1 with {dataset.num_train} training examples over {ctx.world_size} processes gives the "
+            "ranks different numbers of steps; use batch_size >= 2"
+        )
     rows: list[dict[str, Any]] = []
     start = 0
     if state is not None:
@@ -308,54 +394,65 @@ def _train(config: TrainConfig, device: torch.device, out: Path | None, state: d
         parts.scheduler.load_state_dict(state["scheduler"])
         if parts.regularizer is not None:
             parts.regularizer.load_state_dict(state["regularizer"])
-        set_rng_state(state["rng"])
+        _restore_rng(state, ctx)
         rows = list(state["metrics"])
         start = int(state["epoch"])
-        log.info("resuming %s at epoch %d of %d", out, start + 1, config.epochs)
+        if ctx.is_main:
+            log.info("resuming %s at epoch %d of %d", out, start + 1, config.epochs)
 
     def checkpoint(epoch: int) -> None:
-        save_checkpoint(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "epoch": epoch,
-                "config": config.to_dict(),
-                "model": model.state_dict(),
-                "optimizer": parts.optimizer.state_dict(),
-                "scheduler": parts.scheduler.state_dict(),
-                "regularizer": parts.regularizer.state_dict() if parts.regularizer is not None else None,
-                "rng": rng_state(),
-                "metrics": rows,
-            },
-            out,
-        )
+        """Rank 0 writes (with every rank's random state); the others wait for the file."""
+        rngs = ctx.gather(rng_state())
+        if ctx.is_main:
+            save_checkpoint(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "epoch": epoch,
+                    "config": config.to_dict(),
+                    "model": model.state_dict(),
+                    "optimizer": parts.optimizer.state_dict(),
+                    "scheduler": parts.scheduler.state_dict(),
+                    "regularizer": parts.regularizer.state_dict() if parts.regularizer is not None else None,
+                    "rng": rngs[0],
+                    "rng_per_rank": rngs if ctx.enabled else None,
+                    "world_size": ctx.world_size,
+                    "metrics": rows,
+                },
+                out,
+            )
+        ctx.barrier()
 
     writer = None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        resolved = dict(config.to_dict(), device=str(device), model=config.model)
-        resolved["environment"] = {
-            "torch": torch.__version__,
-            "num_train": getattr(dataset, "num_train", None),
-            "num_test": getattr(dataset, "num_test", None),
-            "threads": torch.get_num_threads(),
-        }
-        (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
-        writer = MetricsWriter(out)
+        if ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            resolved = dict(config.to_dict(), device=str(device), model=config.model)
+            resolved["world_size"] = ctx.world_size
+            resolved["global_batch_size"] = config.batch_size * ctx.world_size
+            resolved["environment"] = {
+                "torch": torch.__version__,
+                "num_train": getattr(dataset, "num_train", None),
+                "num_test": getattr(dataset, "num_test", None),
+                "threads": torch.get_num_threads(),
+                "backend": ctx.backend,
+            }
+            (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+            writer = MetricsWriter(out)
         if state is None:
             checkpoint(0)
     end = min(config.epochs, config.stop_after or config.epochs)
-    per_epoch = dataset.len_train_batches(config.batch_size)
+    per_epoch = dataset.len_train_batches(config.batch_size, ctx.world_size)
     status = "finished" if end == config.epochs else "stopped"
     desc = f"{config.method} {config.dataset}/{config.model} seed {config.seed}"
     try:
-        with _progress_bar(per_epoch * max(0, end - start), config.progress, desc) as bar:
+        with _progress_bar(per_epoch * max(0, end - start), config.progress and ctx.is_main, desc) as bar:
             for epoch in range(start, end):
-                if stop.signum is not None:
+                if stop.agree(ctx):
                     status = "interrupted"
                     break
                 started = time.perf_counter()
                 lr, rates = global_lr(parts.optimizer), balanced_rates(parts.optimizer)
-                trained = _train_epoch(model, forward, parts, dataset, config, epoch, device, bar, stop)
+                trained = _train_epoch(model, forward, parts, dataset, config, epoch, device, bar, stop, ctx)
                 if trained is None:
                     status = "interrupted"
                     break
@@ -365,7 +462,8 @@ def _train(config: TrainConfig, device: torch.device, out: Path | None, state: d
                         f"training diverged: train loss {train_loss} in epoch {epoch + 1} "
                         f"(method {config.method}, lr {config.lr}); lower the learning rate"
                     )
-                test_loss, test_acc = _evaluate(model, forward, dataset, config, device)
+                ctx.sync_buffers(model)  # rank 0's BatchNorm statistics everywhere: what it evaluates and saves
+                test_loss, test_acc = _evaluate(model, evaluate, dataset, config, device, ctx)
                 parts.scheduler.step()
                 row: dict[str, Any] = {
                     "epoch": epoch + 1,
@@ -381,18 +479,23 @@ def _train(config: TrainConfig, device: torch.device, out: Path | None, state: d
                     row["layer_lr"] = rates
                 rows.append(row)
                 if out is not None:
-                    writer.write(rows)
+                    if writer is not None:
+                        writer.write(rows)
                     checkpoint(epoch + 1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{train_loss:.3f}", test_acc=f"{test_acc:.2f}")
     finally:
         if writer is not None:
             writer.close()
     summary = _summary(config, rows, status)
+    summary["world_size"] = ctx.world_size
     if status == "interrupted":
-        summary["signal"] = stop.signum
+        summary["signal"] = stop.agreed
         where = f"; checkpoint of epoch {len(rows)} in {out}, continue with --resume" if out else ""
-        log.warning("interrupted by %s during epoch %d%s", signal.Signals(stop.signum).name, len(rows) + 1, where)
-    elif status == "finished" and out is not None:
+        if ctx.is_main:
+            log.warning(
+                "interrupted by %s during epoch %d%s", signal.Signals(stop.agreed).name, len(rows) + 1, where
+            )
+    elif status == "finished" and out is not None and ctx.is_main:
         tmp = out / f".{SUMMARY_NAME}.tmp"
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, out / SUMMARY_NAME)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterable, Iterator, Sequence, overload
+from typing import IO, Any, Iterable, Iterator, Sequence, overload
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from .layers import LayerRef, MatrixOptions, find_layers
 from .powerlaw import FIT_METHODS, HILL_CONVENTIONS, PowerLawFit, fit_power_law
-from .spectrum import PRECISIONS, pooled_spectra
+from .spectrum import PRECISIONS, compute_dtype, iter_pooled_spectra
 
 __all__ = ["AnalysisOptions", "LayerRecord", "AnalysisReport", "analyze", "analyze_layers", "spectral_metrics"]
 
@@ -137,16 +138,19 @@ def _log10(x: float) -> float:
     return math.log10(x) if x > 0 else float("nan")
 
 
-def spectral_metrics(eigs: torch.Tensor, max_side: int) -> dict[str, float]:
+def spectral_metrics(eigs: torch.Tensor, max_side: int, eps: float = torch.finfo(torch.float32).eps) -> dict[str, float]:
     """Norm-based metrics of an ascending spectrum (any length >= 1).
 
     Args:
         eigs: 1-D ascending float64 eigenvalues.
         max_side: the larger matrix side, for the numerical-rank tolerance of the entropy.
+        eps: machine epsilon of the dtype the eigenvalues were computed in; the entropy's rank
+            counts ``lambda > lambda_max * (max_side * eps)^2`` (numpy's ``matrix_rank`` rule
+            on singular values, as WeightWatcher).
     """
     lam_max = float(eigs[-1])
     total = float(eigs.sum())
-    tol = lam_max * (max_side * torch.finfo(torch.float32).eps) ** 2
+    tol = lam_max * (max_side * eps) ** 2
     positive = eigs[eigs > tol]
     rank = positive.numel()
     if total > 0 and rank > 1:
@@ -166,6 +170,14 @@ def spectral_metrics(eigs: torch.Tensor, max_side: int) -> dict[str, float]:
     }
 
 
+def _noise_floor(lambda_max: float, max_side: int, weight_dtype: torch.dtype, precision: str) -> float:
+    """Eigenvalues up to this size are round-off of the Gram eigensolver, not signal:
+    ``lambda_max * eps * max(16, sqrt(max_side))`` in the compute dtype (measured noise of
+    rank-deficient matrices: 1-3 eps * lambda_max for sides 64-1024)."""
+    eps = torch.finfo(compute_dtype(weight_dtype, precision)).eps
+    return lambda_max * eps * max(16.0, math.sqrt(max_side))
+
+
 def _nan_metrics() -> dict[str, float]:
     nan = float("nan")
     return dict.fromkeys(("lambda_max", "log_spectral_norm", "norm", "log_norm", "stable_rank", "entropy"), nan)
@@ -174,7 +186,9 @@ def _nan_metrics() -> dict[str, float]:
 def _make_record(ref: LayerRef, stack: torch.Tensor, eigs: torch.Tensor | None, options: AnalysisOptions) -> LayerRecord:
     m, n = stack.shape[1], stack.shape[2]
     if eigs is None:
-        fit = PowerLawFit.failed("non-finite weights (NaN or inf)", 0)
+        fit = PowerLawFit.failed(
+            "non-finite weights (NaN or inf, or sum of squares overflowing the compute dtype: try precision='float64')", 0
+        )
         metrics = _nan_metrics()
         num_eigs = stack.shape[0] * min(m, n)
     else:
@@ -186,8 +200,15 @@ def _make_record(ref: LayerRef, stack: torch.Tensor, eigs: torch.Tensor | None, 
             filter_zeros=options.filter_zeros,
             zero_threshold=options.zero_threshold,
         )
-        metrics = spectral_metrics(eigs, max(m, n))
+        metrics = spectral_metrics(eigs, max(m, n), torch.finfo(stack.dtype).eps)
         num_eigs = eigs.numel()
+        if fit.ok and fit.xmin <= _noise_floor(metrics["lambda_max"], max(m, n), stack.dtype, options.precision):
+            hint = "raise zero_threshold" if options.filter_zeros else "set filter_zeros=True"
+            fit = PowerLawFit.failed(
+                f"xmin is at the eigensolver's round-off level (rank-deficient matrix); {hint} "
+                "to fit the non-zero eigenvalues",
+                fit.num_eigs,
+            )
     return LayerRecord(
         name=ref.name,
         kind=ref.kind,
@@ -236,23 +257,25 @@ def analyze_layers(
         progress: optional object with ``update(n)`` (e.g. a tqdm bar), advanced per layer.
     """
     options = options or AnalysisOptions()
-    records: list[LayerRecord] = []
+    records: list[LayerRecord | None] = [None] * len(refs)
     mopts = options.matrix_options
+    offset = 0
     for batch in _batches(refs):
-        stacks = [ref.matrices(mopts) for ref in batch]
-        finite = [bool(torch.isfinite(s).all()) for s in stacks]
-        spectra = pooled_spectra([s for s, ok in zip(stacks, finite) if ok], options.precision)
-        spectra_iter = iter(spectra)
-        for ref, stack, ok in zip(batch, stacks, finite):
-            eigs = next(spectra_iter) if ok else None
-            record = _make_record(ref, stack, eigs, options)
-            if record.reason:
-                logger.debug("layer %s: no fit (%s)", record.name, record.reason)
-            records.append(record)
-            if progress is not None:
-                progress.update(1)
-        del stacks, spectra
-    return records
+        stacks = [ref.matrices(mopts, compute_dtype(ref.weight.dtype, options.precision)) for ref in batch]
+        for positions, spectra in iter_pooled_spectra(stacks, options.precision):
+            for i, eigs in zip(positions, spectra):
+                _store(records, offset + i, _make_record(batch[i], stacks[i], eigs, options), progress)
+        offset += len(batch)
+        del stacks
+    return records  # type: ignore[return-value]
+
+
+def _store(records: list[LayerRecord | None], index: int, record: LayerRecord, progress: Any) -> None:
+    if record.reason:
+        logger.debug("layer %s: no fit (%s)", record.name, record.reason)
+    records[index] = record
+    if progress is not None:
+        progress.update(1)
 
 
 class AnalysisReport(Sequence[LayerRecord]):
@@ -299,17 +322,26 @@ class AnalysisReport(Sequence[LayerRecord]):
         """One dict per layer, in order (no eigenvalues)."""
         return [r.to_dict() for r in self._records]
 
-    def to_csv(self, path: str) -> None:
-        """Write one row per layer with the scalar columns."""
+    def to_csv(self, path: str | os.PathLike | IO[str]) -> None:
+        """Write one row per layer with the scalar columns to a file path or an open text file.
+
+        Shapes are written as ``"64x3x3x3"``, tied names joined by ``";"``; NaN as ``nan``.
+        """
+        if hasattr(path, "write"):
+            self._write_csv(path)  # type: ignore[arg-type]
+            return
         with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(SCALAR_COLUMNS))
-            writer.writeheader()
-            for row in self.to_records():
-                row["shape"] = "x".join(map(str, row["shape"]))
-                row["matrix_shape"] = "x".join(map(str, row["matrix_shape"]))
-                row["tied_names"] = ";".join(row["tied_names"])
-                row["reason"] = row["reason"] or ""
-                writer.writerow(row)
+            self._write_csv(handle)
+
+    def _write_csv(self, handle: IO[str]) -> None:
+        writer = csv.DictWriter(handle, fieldnames=list(SCALAR_COLUMNS))
+        writer.writeheader()
+        for row in self.to_records():
+            row["shape"] = "x".join(map(str, row["shape"]))
+            row["matrix_shape"] = "x".join(map(str, row["matrix_shape"]))
+            row["tied_names"] = ";".join(row["tied_names"])
+            row["reason"] = row["reason"] or ""
+            writer.writerow(row)
 
     def to_pandas(self):  # -> pandas.DataFrame
         """A DataFrame with one row per layer (requires pandas)."""

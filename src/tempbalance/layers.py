@@ -77,11 +77,17 @@ class LayerRef:
     tied_names: list[str] = field(default_factory=list)
     weight_slice: slice | None = None
 
-    def matrices(self, options: MatrixOptions) -> torch.Tensor:
-        """The ``(batch, m, n)`` stack for this layer (a detached view or copy)."""
+    def matrices(self, options: MatrixOptions, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The ``(batch, m, n)`` stack for this layer (a detached view or copy).
+
+        ``dtype``: convert the weight first (before any scaling), e.g. to the dtype the
+        spectrum is computed in, so half-precision weights are not rounded again.
+        """
         w = self.weight.detach()
         if self.weight_slice is not None:
             w = w[self.weight_slice]
+        if dtype is not None:
+            w = w.to(dtype)
         return self.matrix_fn(w, self.module, options)
 
 
@@ -104,8 +110,10 @@ def _grouped_conv_matrices(w: torch.Tensor, groups: int, options: MatrixOptions)
     w = w.reshape(groups, out_per_group, in_per_group, kernel)
     if options.conv_mode == "flatten":
         return w.reshape(groups, out_per_group, in_per_group * kernel)
-    mats = w.permute(0, 3, 1, 2).reshape(groups * kernel, out_per_group, in_per_group)
-    return mats * math.sqrt(options.conv_norm)
+    view = w.permute(0, 3, 1, 2).reshape(groups * kernel, out_per_group, in_per_group)
+    # one pass into a contiguous stack (a strided view would slow every later matmul)
+    out = torch.empty(view.shape, dtype=w.dtype, device=w.device)
+    return torch.mul(view, math.sqrt(options.conv_norm), out=out)
 
 
 def _conv_matrices(w: torch.Tensor, module: nn.Module, options: MatrixOptions) -> torch.Tensor:
@@ -242,23 +250,33 @@ def find_layers(
     return refs
 
 
+def _kind(module: nn.Module) -> str:
+    """The module's class name, skipping classes that ``torch.distributed`` mixes in
+    (FSDP2 turns a ``Conv2d`` into an ``FSDPConv2d``)."""
+    for cls in type(module).__mro__:
+        if not cls.__module__.startswith("torch.distributed."):
+            return cls.__name__
+    return type(module).__name__
+
+
 def _refs_for_module(name: str, module: nn.Module, split_qkv: bool) -> Iterator[LayerRef]:
     if isinstance(module, nn.MultiheadAttention):
+        prefix = f"{name}." if name else ""
         w = module.in_proj_weight
         if w is None:  # separate q/k/v projection weights (kdim != embed_dim)
             for suffix, attr in (("q", "q_proj_weight"), ("k", "k_proj_weight"), ("v", "v_proj_weight")):
                 p = getattr(module, attr)
-                yield LayerRef(f"{name}.{suffix}", module, "MultiheadAttention", p, _linear_matrices, not p.requires_grad)
+                yield LayerRef(f"{prefix}{suffix}", module, "MultiheadAttention", p, _linear_matrices, not p.requires_grad)
             return
         if split_qkv:
             e = module.embed_dim
             for i, suffix in enumerate("qkv"):
                 yield LayerRef(
-                    f"{name}.{suffix}", module, "MultiheadAttention", w, _linear_matrices,
+                    f"{prefix}{suffix}", module, "MultiheadAttention", w, _linear_matrices,
                     not w.requires_grad, weight_slice=slice(i * e, (i + 1) * e),
                 )
         else:
-            yield LayerRef(f"{name}.in_proj", module, "MultiheadAttention", w, _linear_matrices, not w.requires_grad)
+            yield LayerRef(f"{prefix}in_proj", module, "MultiheadAttention", w, _linear_matrices, not w.requires_grad)
         return
     fn = _matrix_fn_for(module)
     if fn is None:
@@ -266,7 +284,7 @@ def _refs_for_module(name: str, module: nn.Module, split_qkv: bool) -> Iterator[
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() < 2:
         return
-    yield LayerRef(name, module, type(module).__name__, w, fn, not w.requires_grad)
+    yield LayerRef(name, module, _kind(module), w, fn, not w.requires_grad)
 
 
 def layer_matrices(ref: LayerRef, options: MatrixOptions | None = None) -> torch.Tensor:

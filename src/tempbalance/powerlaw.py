@@ -30,7 +30,9 @@ __all__ = [
 
 HILL_CONVENTIONS = ("reference", "textbook")
 EQUAL_RTOL = 1e-5  # a tail whose largest/smallest ratio is below 1 + EQUAL_RTOL counts as all-equal
-_KS_CHUNK_ELEMENTS = 1 << 21  # work-matrix size per chunk of xmin candidates (16 MiB float64)
+_KS_CHUNK_ELEMENTS = 1 << 16  # work-array size per chunk of xmin candidates (512 KiB float64: stays in cache)
+_KS_LEVELS = (32, 256)  # tail points per candidate of the successive lower-bound passes of the KS scan
+_KS_SEEDS = 4  # candidates (smallest lower bounds) whose exact KS distance sets the pruning bar
 
 
 @dataclass(frozen=True)
@@ -126,38 +128,113 @@ def fit_median(eigs: torch.Tensor, xmin_pos: float = 2, hill: str = "reference")
     return PowerLawFit(alpha, float(tail[0]), ks_distance(tail, alpha), tail.numel(), total)
 
 
+def _ks_rows(
+    logs: torch.Tensor, one_minus_alpha: torch.Tensor, inv_n: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """``max_j |(lambda_j / lambda_r)^(1 - alpha_r) + (j - r) / n_r - 1|`` over the column indices
+    ``cols`` for each candidate index ``r`` in ``rows`` (a column left of ``r`` contributes 0).
+
+    Shapes: ``one_minus_alpha``, ``inv_n``, ``rows``: ``(R,)``; ``cols``: ``(C,)`` shared by all
+    rows or ``(R, C)`` per row; returns ``(R,)``.
+    """
+    work = logs[cols] - logs[rows].unsqueeze(1)
+    work.clamp_(min=0).mul_(one_minus_alpha.unsqueeze(1)).exp_()
+    steps = (cols - rows.unsqueeze(1)).clamp_(min=0).to(logs.dtype)
+    work.addcmul_(steps, inv_n.unsqueeze(1)).sub_(1).abs_()
+    return work.amax(dim=1)
+
+
+def _ks_exact(logs: torch.Tensor, one_minus_alpha: torch.Tensor, inv_n: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Exact KS distance of each candidate in ``rows`` (ascending indices into ``logs``; the
+    other arguments aligned with it), in chunks whose work array holds about
+    ``_KS_CHUNK_ELEMENTS`` values, so it stays in cache."""
+    total = logs.numel()
+    out = torch.empty(rows.numel(), dtype=logs.dtype, device=logs.device)
+    row_list = rows.tolist()
+    start = 0
+    while start < len(row_list):
+        first = row_list[start]
+        stop = min(len(row_list), start + max(1, _KS_CHUNK_ELEMENTS // (total - first)))
+        cols = torch.arange(first, total, device=logs.device)
+        out[start:stop] = _ks_rows(logs, one_minus_alpha[start:stop], inv_n[start:stop], rows[start:stop], cols)
+        start = stop
+    return out
+
+
+def _ks_lower_bound(
+    logs: torch.Tensor, one_minus_alpha: torch.Tensor, inv_n: torch.Tensor, rows: torch.Tensor, points: int
+) -> torch.Tensor:
+    """A lower bound of each candidate's KS distance: the same statistic over ``points``
+    evenly spaced positions of its own tail (a maximum over a subset of the exact terms)."""
+    total = logs.numel()
+    out = torch.empty(rows.numel(), dtype=logs.dtype, device=logs.device)
+    offsets = torch.arange(points, device=logs.device)
+    chunk = max(1, _KS_CHUNK_ELEMENTS // points)
+    for start in range(0, rows.numel(), chunk):
+        r = rows[start : start + chunk]
+        stride = torch.clamp((total - r) // points, min=1)
+        cols = torch.clamp(r.unsqueeze(1) + stride.unsqueeze(1) * offsets, max=total - 1)
+        out[start : start + chunk] = _ks_rows(
+            logs, one_minus_alpha[start : start + chunk], inv_n[start : start + chunk], r, cols
+        )
+    return out
+
+
 def _candidate_scan(eigs: torch.Tensor, first: int, last: int, hill: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Alpha and KS distance for every xmin candidate index in ``[first, last)``.
 
-    Vectorised: candidates are processed in chunks, each as one ``(chunk, N - first)``
-    tensor expression. Candidates whose fit is undefined get ``D = inf``; candidates with
-    ``alpha <= 1`` get ``D = 1`` (as WeightWatcher does).
+    Candidates whose fit is undefined (including a tail whose largest/smallest ratio is below
+    ``1 + EQUAL_RTOL``) get ``D = inf``; candidates with ``alpha <= 1`` get ``D = 1`` (as
+    WeightWatcher does). The scan is exact but pruned: the exact distance of
+    the ``_KS_SEEDS`` candidates with the smallest cheap lower bound (the statistic on a few
+    evenly spaced tail points) sets a bar; each refinement level (``_KS_LEVELS`` points per
+    tail) drops candidates whose bound exceeds the bar, and the rest are evaluated exactly.
+    Pruned entries of the returned distances hold a lower bound above the minimum, so
+    ``argmin`` picks the same candidate as a full scan.
     """
     total = eigs.numel()
     logs = torch.log(eigs)
-    suffix = torch.flip(torch.cumsum(torch.flip(logs, [0]), 0), [0])
+    # sum_{j >= i} ln(lambda_j / lambda_i) from suffix sums of logs taken relative to the largest
+    # eigenvalue (small terms first, so a nearly flat tail does not cancel catastrophically).
+    shifted = logs - logs[-1]
+    suffix = torch.flip(torch.cumsum(torch.flip(shifted, [0]), 0), [0])
     idx = torch.arange(first, last, device=eigs.device)
     n = (total - idx).to(eigs.dtype)
-    sums = suffix[first:last] - n * logs[first:last]
+    sums = suffix[first:last] - n * shifted[first:last]
     numer = n if hill == "reference" else n - 1
     alpha = 1 + numer / sums
-    dist = torch.empty_like(alpha)
-    chunk = max(1, _KS_CHUNK_ELEMENTS // max(1, total - first))
-    cols = torch.arange(first, total, device=eigs.device, dtype=eigs.dtype)
-    for a in range(0, last - first, chunk):
-        b = min(a + chunk, last - first)
-        lo = first + a
-        rows = idx[a:b].to(eigs.dtype)
-        col_logs = logs[lo:]
-        diff = (col_logs.unsqueeze(0) - logs[lo : first + b].unsqueeze(1)).clamp_(min=0)
-        diff.mul_((1 - alpha[a:b]).unsqueeze(1)).exp_()  # (lambda_j / xmin)^(1 - alpha)
-        k = (cols[lo - first :].unsqueeze(0) - rows.unsqueeze(1)).clamp_(min=0)
-        k.div_(n[a:b].unsqueeze(1))
-        # |1 - ratio^(1-alpha) - k/n| = |ratio^(1-alpha) + k/n - 1|; entries left of xmin are 0.
-        dist[a:b] = diff.add_(k).sub_(1).abs_().amax(dim=1)
-    valid = torch.isfinite(alpha) & (sums > 0)
-    dist = torch.where(alpha <= 1, torch.ones_like(dist), dist)
-    dist = torch.where(valid, dist, torch.full_like(dist, float("inf")))
+    # a tail spanning less than a factor 1 + EQUAL_RTOL is round-off around one value, not a law
+    # (its alpha would be ~1e5 * n); WeightWatcher / powerlaw would still score it
+    distinct = eigs[-1] > eigs[first:last] * (1 + EQUAL_RTOL)
+    valid = torch.isfinite(alpha) & (sums > 0) & distinct
+    regular = valid & (alpha > 1)
+    dist = torch.where(valid, torch.ones_like(alpha), torch.full_like(alpha, float("inf")))
+    pos = torch.nonzero(regular).flatten()
+    if pos.numel() == 0:
+        return alpha, dist
+    one_minus_alpha, inv_n, rows = 1 - alpha[pos], 1 / n[pos], idx[pos]
+    if pos.numel() <= 4 * _KS_SEEDS:
+        dist[pos] = _ks_exact(logs, one_minus_alpha, inv_n, rows)
+        return alpha, dist
+    result = torch.empty_like(one_minus_alpha)
+    alive = torch.arange(pos.numel(), device=eigs.device)  # candidates not yet pruned
+    bar = math.inf
+    for level, points in enumerate(_KS_LEVELS):
+        bound = _ks_lower_bound(logs, one_minus_alpha[alive], inv_n[alive], rows[alive], points)
+        result[alive] = bound
+        if level == 0:  # alive is every candidate here
+            seeds = torch.sort(torch.topk(bound, _KS_SEEDS, largest=False).indices).values
+            exact = _ks_exact(logs, one_minus_alpha[seeds], inv_n[seeds], rows[seeds])
+            result[seeds] = exact
+            bar = float(exact.min()) * (1 + 1e-12)  # margin: exp may round differently per pass
+            keep = bound <= bar
+            keep[seeds] = False
+        else:
+            keep = bound <= bar
+        alive = alive[keep]
+    if alive.numel():
+        result[alive] = _ks_exact(logs, one_minus_alpha[alive], inv_n[alive], rows[alive])
+    dist[pos] = result
     return alpha, dist
 
 

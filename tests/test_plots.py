@@ -1,0 +1,88 @@
+"""Tests of the figures: each function writes a readable image, handles NaN / failed fits,
+and rejects inconsistent input with a clear error."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tempbalance as tb
+from tempbalance import plots
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+pytest.importorskip("matplotlib")
+
+
+def is_png(path) -> bool:
+    data = open(path, "rb").read()
+    return data[:8] == PNG and len(data) > 1000
+
+
+@pytest.fixture(scope="module")
+def report():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Linear(64, 32), nn.Linear(32, 32, bias=False))
+    nn.init.orthogonal_(model[2].weight)  # all eigenvalues equal: no fit
+    return tb.analyze(model, keep_eigenvalues=True)
+
+
+def test_plot_esd_with_fit_and_without(report, tmp_path):
+    assert report[0].ok and not report[2].ok
+    plots.plot_esd(report[0], tmp_path / "a.png")
+    plots.plot_esd(report[2], tmp_path / "sub" / "b.png", title="custom")
+    assert is_png(tmp_path / "a.png") and is_png(tmp_path / "sub" / "b.png")
+
+
+def test_plot_esd_needs_eigenvalues(tmp_path):
+    record = tb.analyze(nn.Linear(8, 8))[0]
+    with pytest.raises(ValueError, match="keep_eigenvalues=True"):
+        plots.plot_esd(record, tmp_path / "x.png")
+
+
+def test_plot_esd_all_zero(tmp_path):
+    lin = nn.Linear(8, 8)
+    nn.init.zeros_(lin.weight)
+    record = tb.analyze(lin, keep_eigenvalues=True)[0]
+    plots.plot_esd(record, tmp_path / "z.png")
+    assert is_png(tmp_path / "z.png")
+
+
+def test_plot_alpha_summary_with_nan(report, tmp_path):
+    assert math.isnan(report[2].alpha)
+    plots.plot_alpha_summary(list(report), tmp_path / "s.png")
+    assert is_png(tmp_path / "s.png")
+
+
+def test_plot_heatmap(tmp_path):
+    values = np.random.default_rng(0).uniform(2, 6, size=(5, 30))
+    values[1, 3] = np.nan
+    plots.plot_heatmap(values, [f"l{i}" for i in range(5)], list(range(30)), tmp_path / "h.png", title="alpha", cbar_label="alpha")
+    assert is_png(tmp_path / "h.png")
+    with pytest.raises(ValueError, match="2-D"):
+        plots.plot_heatmap(np.zeros(4), ["a"], [0], tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="do not match"):
+        plots.plot_heatmap(values, ["a"], list(range(30)), tmp_path / "bad.png")
+
+
+def test_plot_curves(tmp_path):
+    x = np.arange(10)
+    series = {"baseline": (x, x * 0.5, x * 0.05), "tb": (x, x * 0.6, None)}
+    plots.plot_curves(series, tmp_path / "c.png", xlabel="epoch", ylabel="acc", title="test")
+    assert is_png(tmp_path / "c.png")
+    with pytest.raises(ValueError, match="series 'bad'"):
+        plots.plot_curves({"bad": (x, x[:5], None)}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="std"):
+        plots.plot_curves({"s": (x, x, x[:3])}, tmp_path / "bad.png")
+
+
+def test_pyplot_backend_untouched(tmp_path, report):
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    plots.plot_alpha_summary(list(report), tmp_path / "s.png")
+    assert matplotlib.get_backend() == backend

@@ -30,6 +30,16 @@ WORKER_TIMEOUT_S = 240
 # ---------------------------------------------------------------- models shared by parent and workers
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_like_the_workers():
+    """Single-process references use one thread, as each worker does: BLAS sums in another
+    order with another thread count, which changes float32 spectra in the last bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _resnet(num_classes: int = 10, seed: int = 0) -> nn.Module:
     from tempbalance.train.models import create_model
 

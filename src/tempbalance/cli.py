@@ -17,8 +17,16 @@ from .errors import TempBalanceError
 COMMANDS = ("analyze", "train", "sweep", "report", "demo", "data")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one stderr line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """Print ``PROG: error: MESSAGE (see PROG --help)`` and exit 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="tempbalance",
         description="Layer-wise spectral analysis (HT-SR) and TempBalance training for PyTorch.",
     )

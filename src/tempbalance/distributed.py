@@ -53,22 +53,6 @@ def _matrix_options(options: AnalysisOptions | MatrixOptions | None) -> MatrixOp
     raise TypeError(f"options must be AnalysisOptions, MatrixOptions or None, got {type(options).__name__}")
 
 
-def _stack_shape(ref: LayerRef, mopts: MatrixOptions) -> tuple[int, int, int]:
-    """``(batch, m, n)`` of the layer's matrix stack, found on the meta device (no data touched)."""
-    meta = torch.empty(tuple(ref.weight.shape), dtype=ref.weight.dtype, device="meta")
-    if ref.weight_slice is not None:
-        meta = meta[ref.weight_slice]
-    try:
-        stack = ref.matrix_fn(meta, ref.module, mopts)
-    except (RuntimeError, NotImplementedError, TypeError):  # a custom matrix function that needs real data
-        stack = ref.matrices(mopts)
-    if stack.dim() != 3:
-        raise ValueError(
-            f"layer {ref.name!r}: its matrix function returned shape {tuple(stack.shape)}, expected (batch, m, n)"
-        )
-    return int(stack.shape[0]), int(stack.shape[1]), int(stack.shape[2])
-
-
 def layer_cost(ref: LayerRef, options: AnalysisOptions | MatrixOptions | None = None) -> float:
     """Relative eigen cost of one layer: ``sum over its matrices of m * n * min(m, n)``.
 
@@ -80,7 +64,7 @@ def layer_cost(ref: LayerRef, options: AnalysisOptions | MatrixOptions | None = 
         ref: the layer (see :func:`tempbalance.find_layers`).
         options: how the weight becomes matrices (default: per-position convs).
     """
-    batch, m, n = _stack_shape(ref, _matrix_options(options))
+    batch, m, n = ref.stack_shape(_matrix_options(options))
     return float(batch) * m * n * min(m, n)
 
 
@@ -306,7 +290,7 @@ def distributed_analyze_layers(
         raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the given group")
     group_ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
     mopts = options.matrix_options
-    shapes = [_stack_shape(ref, mopts) for ref in refs]
+    shapes = [ref.stack_shape(mopts) for ref in refs]
     costs = [float(b) * m * n * min(m, n) for b, m, n in shapes]
     owners = assign_layers(costs, world)
     owners_global = [group_ranks[r] for r in owners]

@@ -9,6 +9,7 @@ and a LayerNorm its Linear. Everything else keeps the global (untuned) learning 
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -206,16 +207,6 @@ class BalancePlan:
         return {id(p): layer.name for layer in self.layers for p in layer.params}
 
 
-def _num_eigs(ref: LayerRef, options: MatrixOptions) -> int:
-    """Eigenvalue count of a layer's pooled spectrum, from shapes only (no arithmetic)."""
-    shape = ref.weight.shape if ref.weight_slice is None else ref.weight[ref.weight_slice].shape
-    try:
-        stack = ref.matrix_fn(torch.empty(shape, device="meta"), ref.module, options)
-    except (RuntimeError, NotImplementedError, TypeError):  # a custom matrix_fn that needs real data
-        stack = ref.matrices(options)
-    return int(stack.shape[0]) * int(min(stack.shape[1], stack.shape[2]))
-
-
 def _norm_owners(model: nn.Module, refs: Sequence[LayerRef], mode: str) -> dict[str, str]:
     if mode == "none":
         return {}
@@ -282,7 +273,7 @@ def plan_balance(model: nn.Module, selection: LayerSelection | None = None, **op
     mopts = MatrixOptions(conv_mode=selection.conv_mode)
     chosen: list[BalancedLayer] = []
     for ref in candidates:
-        count = _num_eigs(ref, mopts)
+        count = ref.num_eigs(mopts)
         if count < selection.eigs_thresh:
             skipped[ref.name] = f"{count} eigenvalues < eigs_thresh={selection.eigs_thresh}"
         elif ref.frozen:
@@ -315,6 +306,9 @@ def plan_balance(model: nn.Module, selection: LayerSelection | None = None, **op
 
 
 # --- optimizer parameter groups -----------------------------------------------------------
+
+
+_NON_NEGATIVE_OPTIONS = ("lr", "weight_decay", "momentum", "dampening", "eps")
 
 
 def _is_no_decay(p: nn.Parameter, norm_ids: set[int]) -> bool:
@@ -362,6 +356,11 @@ def param_groups(
     for key in ("params", "name", "tb_layer"):
         if key in group_options:
             raise ConfigError(f"param_groups() sets {key!r} itself; do not pass it as a group option")
+    for key in _NON_NEGATIVE_OPTIONS:
+        value = group_options.get(key)
+        if isinstance(value, numbers.Real) and not (math.isfinite(value) and value >= 0):
+            # torch validates these only in an optimizer's defaults, never in per-group options
+            raise ConfigError(f"{key}={value!r} must be a finite number >= 0")
     plan = plan_balance(
         model,
         LayerSelection(

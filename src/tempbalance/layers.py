@@ -90,6 +90,28 @@ class LayerRef:
             w = w.to(dtype)
         return self.matrix_fn(w, self.module, options)
 
+    def stack_shape(self, options: MatrixOptions) -> tuple[int, int, int]:
+        """``(batch, m, n)`` of :meth:`matrices`, from shapes alone (the matrix function runs on
+        a meta tensor; one that needs real values runs on the weight). Equal on every rank,
+        also for sharded (DTensor) weights."""
+        meta = torch.empty(tuple(self.weight.shape), dtype=self.weight.dtype, device="meta")
+        if self.weight_slice is not None:
+            meta = meta[self.weight_slice]
+        try:
+            stack = self.matrix_fn(meta, self.module, options)
+        except (RuntimeError, NotImplementedError, TypeError):  # a custom matrix function that needs real data
+            stack = self.matrices(options)
+        if stack.dim() != 3:
+            raise ValueError(
+                f"layer {self.name!r}: its matrix function returned shape {tuple(stack.shape)}, expected (batch, m, n)"
+            )
+        return int(stack.shape[0]), int(stack.shape[1]), int(stack.shape[2])
+
+    def num_eigs(self, options: MatrixOptions) -> int:
+        """Eigenvalues in this layer's pooled spectrum (from shapes alone)."""
+        batch, m, n = self.stack_shape(options)
+        return batch * min(m, n)
+
 
 def _linear_matrices(w: torch.Tensor, module: nn.Module, options: MatrixOptions) -> torch.Tensor:
     """Linear / Embedding: ``W`` as stored, ``(1, out, in)``."""
@@ -111,6 +133,8 @@ def _grouped_conv_matrices(w: torch.Tensor, groups: int, options: MatrixOptions)
     if options.conv_mode == "flatten":
         return w.reshape(groups, out_per_group, in_per_group * kernel)
     view = w.permute(0, 3, 1, 2).reshape(groups * kernel, out_per_group, in_per_group)
+    if w.device.type == "meta":  # a shape probe (LayerRef.stack_shape): no values to scale
+        return view
     # one pass into a contiguous stack (a strided view would slow every later matmul)
     out = torch.empty(view.shape, dtype=w.dtype, device=w.device)
     return torch.mul(view, math.sqrt(options.conv_norm), out=out)

@@ -157,9 +157,8 @@ def _load_file(path: str) -> Any:
     except Exception as safe_error:  # noqa: BLE001 - retried below as a full unpickling
         if not _needs_full_unpickling(safe_error):
             raise ConfigError(f"cannot read checkpoint {path!r}: {safe_error}") from safe_error
-    log.info("%s holds pickled objects (a whole model?): loading it in full; only load files you trust", path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        loaded = torch.load(path, map_location="cpu", weights_only=False)
     except (AttributeError, ModuleNotFoundError) as exc:
         raise ConfigError(
             f"cannot read checkpoint {path!r}: {exc} (the pickled model's class is not importable here; "
@@ -167,6 +166,8 @@ def _load_file(path: str) -> Any:
         ) from exc
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"cannot read checkpoint {path!r}: {type(exc).__name__}: {exc}") from exc
+    log.debug("%s holds pickled objects (a whole model?): loaded it in full; only load files you trust", path)
+    return loaded
 
 
 def _needs_full_unpickling(error: Exception) -> bool:

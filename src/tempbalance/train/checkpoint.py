@@ -47,6 +47,19 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically: temporary file in the same directory, fsync,
+    rename. A crash leaves either the old file or the new one, never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike) -> Path:
     """Write ``state`` to ``directory/checkpoint.pt`` atomically; return its path.
 
@@ -96,11 +109,10 @@ def load_checkpoint(directory: str | os.PathLike) -> dict[str, Any] | None:
         try:
             state = _read(path)
         except Exception as exc:  # noqa: BLE001 - a truncated file raises many kinds of errors
-            problems.append(f"{path}: {type(exc).__name__}: {exc}")
-            log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one", path, type(exc).__name__, exc)
+            problems.append(f"{path} is unreadable ({type(exc).__name__}: {exc})")
             continue
         if problems:
-            log.warning("resuming from %s (epoch %d)", path, state["epoch"])
+            log.warning("%s; resuming from %s (epoch %d)", "; ".join(problems), path, state["epoch"])
         return state
     raise CheckpointError("no readable checkpoint: " + "; ".join(problems))
 

@@ -155,7 +155,7 @@ class TrainConfig:
         _finite("weight_decay", self.weight_decay, low=0.0)
         _finite("momentum", self.momentum, low=0.0)
         _finite("width", self.width, low=0.0, low_open=True)
-        _finite("s1", self.s1, low=0.0)
+        _finite("s1", self.s1, low=0.0, low_open=True)
         _finite("s2", self.s2, low=0.0)
         _finite("snr_coef", self.snr_coef, low=0.0)
         _finite("lars_trust", self.lars_trust, low=0.0, low_open=True)
@@ -165,6 +165,11 @@ class TrainConfig:
         _finite("train_fraction", self.train_fraction, low=0.0, low_open=True)
         if self.train_fraction > 1:
             raise ConfigError(f"train_fraction={self.train_fraction} must be in (0, 1]")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed={self.seed!r} must be an integer")
+        from ..assign import create_assign
+
+        create_assign(self.assign)  # raises naming the value and the accepted names
         if self.fit not in FITS:
             raise ConfigError(f"unknown fit {self.fit!r}; accepted: {', '.join(FITS)}")
         if self.metric not in METRICS:

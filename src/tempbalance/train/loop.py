@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, TempBalanceError
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_text_atomic
 from .config import RESULT_NEUTRAL_FIELDS, TrainConfig
 from .distributed_run import DistContext, StopVote, detect_launch, distributed_context, rank_seed, summed, wrap_model
 from .methods import MethodParts, balanced_rates, build_method, global_lr
@@ -436,7 +436,7 @@ def _train(
                 "threads": torch.get_num_threads(),
                 "backend": ctx.backend,
             }
-            (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+            write_text_atomic(out / "config.json", json.dumps(resolved, indent=2) + "\n")
             writer = MetricsWriter(out)
         if state is None:
             checkpoint(0)
@@ -496,9 +496,7 @@ def _train(
                 "interrupted by %s during epoch %d%s", signal.Signals(stop.agreed).name, len(rows) + 1, where
             )
     elif status == "finished" and out is not None and ctx.is_main:
-        tmp = out / f".{SUMMARY_NAME}.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, out / SUMMARY_NAME)
+        write_text_atomic(out / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     log.debug(summary_line(summary))
     return summary
 

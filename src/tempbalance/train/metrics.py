@@ -6,11 +6,14 @@ Rows are plain dicts; per-layer values sit in nested ``alpha`` / ``layer_lr`` di
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable
+
+from .checkpoint import write_text_atomic
 
 __all__ = ["MetricsWriter", "read_metrics", "flatten_row"]
 
@@ -26,12 +29,6 @@ def flatten_row(row: dict[str, Any]) -> dict[str, Any]:
         for name, value in (row.get(key) or {}).items():
             flat[f"{key}/{name}"] = value
     return flat
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class MetricsWriter:
@@ -56,17 +53,16 @@ class MetricsWriter:
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         """Rewrite ``metrics.jsonl`` and ``metrics.csv`` from ``rows``; log the last to TensorBoard."""
-        _write_atomic(self.directory / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+        write_text_atomic(self.directory / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
         flat = [flatten_row(row) for row in rows]
         columns: list[str] = []
         for row in flat:
             columns += [key for key in row if key not in columns]
-        tmp = self.directory / ".metrics.csv.tmp"
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(flat)
-        os.replace(tmp, self.directory / "metrics.csv")
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(flat)
+        write_text_atomic(self.directory / "metrics.csv", table.getvalue())
         if self._tb is not None and rows:
             last = flatten_row(rows[-1])
             for key, value in last.items():

@@ -135,7 +135,7 @@ def plot_heatmap(
     cols = np.arange(0, data.shape[1], step)
     ax.set_xticks(cols, [str(col_labels[i]) for i in cols], fontsize=7)
     fig.colorbar(image, ax=ax, label=cbar_label)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=9, wrap=True)
     _save(fig, path)
 
 
@@ -167,7 +167,7 @@ def plot_curves(
             ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=9, wrap=True)
     if series:
         ax.legend(fontsize=7)
     _save(fig, path)

@@ -32,7 +32,6 @@ import io
 import logging
 import math
 import os
-import platform
 import time
 import warnings
 from collections import defaultdict
@@ -44,6 +43,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import tempbalance as tb  # noqa: E402
+from _common import cpu_model  # noqa: E402
 
 TYPES = (nn.Conv2d, nn.Linear)
 MODELS = ("resnet18", "vgg16", "wrn28-6", "vit_base_patch16_224")
@@ -179,17 +179,6 @@ def table(rows: list[tuple]) -> str:
     ]
     lines += [f"| {m} | {meth} | {t[0]:.3f} | {t[1]:.3f} | {ratio} | {agree} |" for m, meth, t, ratio, agree in rows]
     return "\n".join(lines)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch starts its thread 
 import argparse
 import datetime
 import math
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 import tempbalance
+from _common import cpu_model  # noqa: E402
 from tempbalance.analysis import AnalysisOptions
 
 SETUPS = {
@@ -34,16 +34,6 @@ SETUPS = {
     "resnet18": ("resnet18", (3, 32, 32), 50_000, 128),
     "cnn1d": ("cnn1d", (1, 40), 3_200, 128),
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def build(name: str) -> nn.Module:

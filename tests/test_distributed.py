@@ -8,16 +8,15 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import os
 import random
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+from _workers import free_port, run_workers
 
 from tempbalance.analysis import AnalysisOptions, analyze_layers
 from tempbalance.distributed import assign_layers, distributed_analyze_layers, layer_cost
@@ -89,34 +88,9 @@ def _assert_records_equal(got: list[dict], want: list[dict], label: str) -> None
             assert _same(g[key], w[key]), f"{label}: layer {w['name']} field {key}: {g[key]!r} != {w[key]!r}"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_workers(outdir: Path) -> list[dict]:
     """Run this file as ``WORLD`` gloo worker processes; return each rank's saved results."""
-    port = _free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(outdir)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=WORKER_TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        pytest.fail(f"the workers did not finish in {WORKER_TIMEOUT_S} s")
-    for rank, (proc, out) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{out[-6000:]}"
-    return [torch.load(outdir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    return run_workers(__file__, outdir, WORLD, WORKER_TIMEOUT_S, extra_env={"MASTER_PORT": str(free_port())})
 
 
 def _plan(refs, options=None) -> list[int]:

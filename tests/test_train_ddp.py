@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from _workers import free_port, run_workers
 
 from tempbalance.errors import ConfigError
 from tempbalance.train import TrainConfig, run_training
@@ -49,12 +49,6 @@ def cli_args(out: Path, *extra: str) -> list[str]:
         if key != "progress":
             argv += ["--" + flags.get(key, key).replace("_", "-"), str(value)]
     return argv
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- the worker (one process per rank)
@@ -135,26 +129,8 @@ def _worker(outdir: Path, ports: list[str]) -> None:
 
 
 def _run_workers(outdir: Path) -> list[dict]:
-    ports = [str(_free_port()) for _ in range(3)]
-    procs = []
-    for rank in range(WORLD):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(outdir), *ports],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=WORKER_TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        pytest.fail(f"the workers did not finish in {WORKER_TIMEOUT_S} s (a rank hung in a collective?)")
-    for rank, (proc, out) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{out[-6000:]}"
-    return [torch.load(outdir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    """Run this file as ``WORLD`` gloo worker processes; return each rank's saved results."""
+    return run_workers(__file__, outdir, WORLD, WORKER_TIMEOUT_S, [str(free_port()) for _ in range(3)])
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,409 @@
+"""Quality benchmark: does TempBalance beat the tuned baseline (CAL)? Paired seeds, error bars.
+
+Each *cell* (data set, model, epochs, data fraction) first tunes CAL's learning rate and weight
+decay on tuning seeds kept apart from the evaluation seeds (mean final test accuracy over them),
+then trains every compared method with the tuned values on the evaluation seeds, each method of a
+seed sharing the initial weights and batch order. It reports mean ± std of the final test accuracy,
+the paired difference against CAL with a 95% t-interval, and how many seeds each method won.
+
+Resumable: a finished run (``summary.json`` with status ``finished``) in the output directory is
+reused, an unfinished one resumes from its checkpoint. Runs go to ``OUT/<cell>/...``.
+
+Run (2 worker processes, 1 thread each):
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quality.py --jobs 2 [CELL ...] [--list] [--report-only]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch starts its thread pools
+
+import argparse
+import datetime
+import json
+import math
+import multiprocessing
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from _common import cpu_model  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "runs" / "bench" / "quality"
+CIFAR_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10"
+TUNE_SEEDS = (1001, 1002)
+EVAL_SEEDS = tuple(range(10))
+
+# Two-sided 95% t quantiles t_{0.975, df} for df = 1..30 (used when scipy is not installed).
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)
+
+
+@dataclass
+class Cell:
+    """One experimental setting.
+
+    Attributes:
+        base: TrainConfig fields shared by every run of the cell (dataset, model, epochs, ...).
+        grid: (lr, weight_decay) pairs tried for CAL on ``tune_seeds``; empty = use ``fixed``.
+        methods: label -> TrainConfig overrides (``method`` at least); ``cal`` is the baseline.
+        tune_from: name of another cell whose tuned (lr, wd) this cell reuses instead of tuning.
+        fixed: (lr, weight_decay) used when there is neither a grid nor ``tune_from``.
+        seeds: evaluation seeds.
+        tune_seeds: seeds of the tuning runs (kept apart from ``seeds``).
+        note: one line for the report.
+        in_all: part of the default selection (False for cells too slow for a 2-core CPU).
+    """
+
+    base: dict[str, Any]
+    grid: tuple[tuple[float, float], ...] = ()
+    methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {"cal": {"method": "cal"}, "tb": {"method": "tb"}})
+    tune_from: str | None = None
+    fixed: tuple[float, float] = (0.1, 5e-4)
+    seeds: tuple[int, ...] = EVAL_SEEDS
+    tune_seeds: tuple[int, ...] = TUNE_SEEDS
+    note: str = ""
+    in_all: bool = True
+
+
+GRID = tuple((lr, wd) for lr in (0.03, 0.1, 0.3) for wd in (5e-4, 5e-3))
+GRID_FULL = tuple((lr, wd) for lr in (0.1, 0.3) for wd in (5e-4, 5e-3))  # the full-data cells cost more
+CAL_TB = {"cal": {"method": "cal"}, "tb": {"method": "tb"}}
+
+CELLS: dict[str, Cell] = {
+    "mnist1d": Cell(
+        {"dataset": "mnist1d", "model": "cnn1d", "epochs": 10},
+        GRID_FULL, dict(CAL_TB), note="mnist1d 4000/1000, cnn1d, full training set",
+    ),
+    "digits": Cell(
+        {"dataset": "digits", "model": "cnn-digits", "epochs": 15},
+        GRID_FULL, dict(CAL_TB), note="sklearn digits 1257/540, cnn-digits",
+    ),
+    "mnist1d-10pct": Cell(
+        {"dataset": "mnist1d", "model": "cnn1d", "epochs": 30, "train_fraction": 0.1},
+        GRID,
+        {
+            "cal": {"method": "cal"},
+            "tb": {"method": "tb"},
+            "tb-s0.8-1.2": {"method": "tb", "s1": 0.8, "s2": 1.2},
+            "tb-sigmoid": {"method": "tb", "assign": "sigmoid"},
+            "snr": {"method": "snr", "snr_coef": 0.001},
+            "tb+snr": {"method": "tb+snr", "snr_coef": 0.001, "s1": 0.6, "s2": 1.4},
+        },
+        note="mnist1d, 10% of the training set (400 samples), cnn1d; also s1/s2 = 0.8/1.2, the sigmoid map (tau 10, s 1) and SNR",
+    ),
+    "mnist1d-5pct": Cell(
+        {"dataset": "mnist1d", "model": "cnn1d", "epochs": 30, "train_fraction": 0.05},
+        GRID, dict(CAL_TB), note="mnist1d, 5% of the training set (200 samples), cnn1d",
+    ),
+    "digits-10pct": Cell(
+        {"dataset": "digits", "model": "cnn-digits", "epochs": 30, "train_fraction": 0.1},
+        GRID, dict(CAL_TB), note="digits, 10% of the training set (~126 samples), cnn-digits",
+    ),
+    "mnist1d-10pct-wide": Cell(
+        {"dataset": "mnist1d", "model": "cnn1d", "epochs": 30, "train_fraction": 0.1, "width": 2.0},
+        (), dict(CAL_TB), tune_from="mnist1d-10pct", note="mnist1d 10%, cnn1d at width 2 (wider model)",
+    ),
+    "mnist1d-10pct-mlp": Cell(
+        {"dataset": "mnist1d", "model": "mlp", "epochs": 30, "train_fraction": 0.1},
+        GRID, dict(CAL_TB), note="mnist1d 10%, the 5-layer 512-wide MLP (three balanced 512x512 layers)",
+    ),
+    "mnist1d-20pct": Cell(
+        {"dataset": "mnist1d", "model": "cnn1d", "epochs": 20, "train_fraction": 0.2},
+        GRID, dict(CAL_TB), note="mnist1d, 20% of the training set (800 samples), cnn1d",
+    ),
+    "cifar10-sub": Cell(
+        {"dataset": "cifar10", "model": "resnet18", "width": 0.25, "epochs": 8, "train_fraction": 0.1,
+         "data_dir": str(CIFAR_DIR)},
+        (), dict(CAL_TB), fixed=(0.1, 5e-4), seeds=(0, 1, 2, 3), in_all=False,
+        note="CIFAR-10, 10% of the training set (5000 images), full test set, ResNet18 width 0.25; "
+        "paper lr/wd (0.1, 5e-4), not tuned; over an hour a run on one CPU thread here, so not in the default selection",
+    ),
+}
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _run_dir(out: Path, cell: str, group: str, seed: int) -> Path:
+    return out / cell / group / f"seed{seed}"
+
+
+def _tune_group(lr: float, wd: float) -> str:
+    return f"tune/lr{lr:g}_wd{wd:g}"
+
+
+def _read_summary(directory: Path) -> dict[str, Any] | None:
+    path = directory / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("status") == "finished" else None
+
+
+def _train(job: tuple[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """Worker: one run (or its finished summary when it exists). Returns (run dir, summary)."""
+    directory, settings = job
+    done = _read_summary(Path(directory))
+    if done is not None:
+        return directory, done
+    from tempbalance.train import TrainConfig, run_training
+
+    config = TrainConfig(**settings, out=directory, resume=True, progress=False, num_threads=1, device="cpu")
+    started = time.perf_counter()
+    summary = run_training(config)
+    print(f"[{time.strftime('%H:%M:%S')}] {directory}: {summary['final_test_acc']:.2f}% "
+          f"in {time.perf_counter() - started:.1f} s", flush=True)
+    return directory, summary
+
+
+def _run_all(jobs: list[tuple[str, dict[str, Any]]], workers: int) -> dict[str, dict[str, Any]]:
+    todo = [job for job in jobs if _read_summary(Path(job[0])) is None]
+    results = {job[0]: _read_summary(Path(job[0])) for job in jobs if job not in todo}
+    if todo:
+        print(f"{len(todo)} run(s) to do, {len(results)} reused", flush=True)
+        if workers > 1:
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                for directory, summary in pool.imap_unordered(_train, todo):
+                    results[directory] = summary
+        else:
+            for job in todo:
+                directory, summary = _train(job)
+                results[directory] = summary
+    return results
+
+
+def tune_jobs(out: Path, name: str, cell: Cell) -> list[tuple[str, dict[str, Any]]]:
+    """The CAL runs of a cell's tuning grid on its tuning seeds."""
+    return [
+        (str(_run_dir(out, name, _tune_group(lr, wd), seed)),
+         {**cell.base, "method": "cal", "lr": lr, "weight_decay": wd, "seed": seed, "tag": f"{name}/tune"})
+        for lr, wd in cell.grid
+        for seed in cell.tune_seeds
+    ]
+
+
+def tuned_values(out: Path, name: str) -> tuple[tuple[float, float], list[dict[str, Any]]]:
+    """(lr, wd) of the cell (best mean final accuracy over the tuning seeds) and the tuning table rows.
+
+    Raises:
+        RuntimeError: a tuning run has not finished yet.
+    """
+    cell = CELLS[name]
+    if cell.tune_from is not None:
+        return tuned_values(out, cell.tune_from)
+    if not cell.grid:
+        return cell.fixed, []
+    rows = []
+    for lr, wd in cell.grid:
+        accs = []
+        for seed in cell.tune_seeds:
+            summary = _read_summary(_run_dir(out, name, _tune_group(lr, wd), seed))
+            if summary is None:
+                raise RuntimeError(f"tuning run {name} lr={lr:g} wd={wd:g} seed={seed} has not finished")
+            accs.append(float(summary["final_test_acc"]))
+        rows.append({"lr": lr, "wd": wd, "accs": accs, "mean": statistics.fmean(accs)})
+    best = max(rows, key=lambda row: (row["mean"], -abs(math.log(row["lr"] / 0.1))))
+    return (best["lr"], best["wd"]), rows
+
+
+def compare_jobs(
+    out: Path, name: str, cell: Cell, lr: float, wd: float, methods: list[str] | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """The compared methods (all, or those named in ``methods``) on every evaluation seed, with the
+    tuned (lr, wd), seed by seed so that a run cut short still leaves complete pairs."""
+    labels = [label for label in cell.methods if methods is None or label in methods]
+    return [
+        (str(_run_dir(out, name, label, seed)),
+         {**cell.base, "lr": lr, "weight_decay": wd, **cell.methods[label], "seed": seed, "tag": name})
+        for seed in cell.seeds
+        for label in labels
+    ]
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def t_quantile(df: int) -> float:
+    """Two-sided 95% quantile of Student's t with ``df`` degrees of freedom (df >= 1)."""
+    if df < 1:
+        raise ValueError(f"df={df} must be >= 1")
+    try:
+        from scipy import stats
+    except ImportError:
+        return _T975[df - 1] if df <= len(_T975) else 1.96
+    return float(stats.t.ppf(0.975, df))
+
+
+def paired_stats(base: dict[int, float], other: dict[int, float]) -> dict[str, Any]:
+    """Paired difference ``other - base`` over the seeds both have.
+
+    Returns: n, mean, std, ci (low, high) of the mean at 95% (None with < 2 pairs), wins / ties /
+    losses of ``other``, and the two-sided t-test p value (None with < 2 pairs or zero spread).
+    """
+    seeds = sorted(set(base) & set(other))
+    diffs = [other[s] - base[s] for s in seeds]
+    result: dict[str, Any] = {"n": len(diffs), "mean": None, "std": None, "ci": None, "p": None,
+                              "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs),
+                              "losses": sum(d < 0 for d in diffs)}
+    if not diffs:
+        return result
+    result["mean"] = statistics.fmean(diffs)
+    if len(diffs) > 1:
+        std = statistics.stdev(diffs)
+        half = t_quantile(len(diffs) - 1) * std / math.sqrt(len(diffs))
+        result["std"] = std
+        result["ci"] = (result["mean"] - half, result["mean"] + half)
+        if std > 0:
+            try:
+                from scipy import stats
+
+                t = result["mean"] / (std / math.sqrt(len(diffs)))
+                result["p"] = float(2 * stats.t.sf(abs(t), len(diffs) - 1))
+            except ImportError:
+                pass
+    return result
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _signed(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:+.{digits}f}"
+
+
+def _last_alphas(directory: Path) -> list[float]:
+    """The finite alphas of the balanced layers at the run's last epoch (empty for CAL / SNR)."""
+    path = directory / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    alphas = json.loads(lines[-1]).get("alpha") or {} if lines else {}
+    return [float(v) for v in alphas.values() if v is not None and math.isfinite(v)]
+
+
+def cell_report(out: Path, name: str) -> str:
+    """Markdown for one cell: tuning table, then the comparison table."""
+    cell = CELLS[name]
+    lines = [f"### `{name}` — {cell.note}", ""]
+    base = ", ".join(f"{k}={v}" for k, v in cell.base.items() if k != "data_dir")
+    try:
+        (lr, wd), rows = tuned_values(out, name)
+    except RuntimeError as error:
+        return "\n".join(lines + [f"(tuning not finished: {error})", ""])
+    if rows:
+        lines += [f"Tuning CAL ({base}; tuning seeds {list(cell.tune_seeds)}, final test accuracy %):", "",
+                  "| lr | wd | " + " | ".join(f"seed {s}" for s in cell.tune_seeds) + " | mean |",
+                  "|---|---|" + "---|" * len(cell.tune_seeds) + "---|"]
+        for row in rows:
+            mark = " **←**" if (row["lr"], row["wd"]) == (lr, wd) else ""
+            lines.append(f"| {row['lr']:g} | {row['wd']:g} | " + " | ".join(f"{a:.2f}" for a in row["accs"])
+                         + f" | {row['mean']:.2f}{mark} |")
+        lines.append("")
+    source = f"tuned in `{cell.tune_from}`" if cell.tune_from else ("tuned" if rows else "fixed, not tuned")
+    lines += [f"Comparison ({base}; lr={lr:g}, wd={wd:g} {source}; evaluation seeds {list(cell.seeds)}):", "",
+              "| method | n | final test acc % (mean ± std) | diff vs CAL (mean, 95% CI) | p | wins/ties/losses vs CAL "
+              "| s/run | balanced alphas, last epoch (min–max) |", "|---|---|---|---|---|---|---|---|"]
+    accs: dict[str, dict[int, float]] = {}
+    times: dict[str, list[float]] = {}
+    ranges: dict[str, list[tuple[float, float]]] = {}
+    for label in cell.methods:
+        accs[label], times[label], ranges[label] = {}, [], []
+        for seed in cell.seeds:
+            directory = _run_dir(out, name, label, seed)
+            summary = _read_summary(directory)
+            if summary is not None:
+                accs[label][seed] = float(summary["final_test_acc"])
+                times[label].append(float(summary["train_time_s"]))
+                alphas = _last_alphas(directory)
+                if alphas:
+                    ranges[label].append((min(alphas), max(alphas)))
+    for label in cell.methods:
+        values = list(accs[label].values())
+        if not values:
+            lines.append(f"| {label} | 0 | (not run) | | | | | |")
+            continue
+        mean = statistics.fmean(values)
+        std = statistics.stdev(values) if len(values) > 1 else None
+        run_time = statistics.median(times[label])
+        spread = "—"
+        if ranges[label]:
+            low = statistics.fmean(r[0] for r in ranges[label])
+            high = statistics.fmean(r[1] for r in ranges[label])
+            spread = f"{low:.2f}–{high:.2f}"
+        if label == "cal":
+            lines.append(f"| cal | {len(values)} | {mean:.2f} ± {_fmt(std)} | — | — | — | {run_time:.0f} | — |")
+            continue
+        paired = paired_stats(accs.get("cal", {}), accs[label])
+        ci = "—" if paired["ci"] is None else f"[{paired['ci'][0]:+.2f}, {paired['ci'][1]:+.2f}]"
+        p = "—" if paired["p"] is None else f"{paired['p']:.2f}"
+        lines.append(f"| {label} | {len(values)} | {mean:.2f} ± {_fmt(std)} | {_signed(paired['mean'])} {ci} | {p} "
+                     f"| {paired['wins']}/{paired['ties']}/{paired['losses']} | {run_time:.0f} | {spread} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def report(out: Path, names: list[str]) -> str:
+    """Markdown for the given cells with a header naming the date and machine."""
+    header = [
+        f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {cpu_model()} "
+        f"({os.cpu_count()} logical CPUs, 1 thread a run), Python {platform.python_version()}.",
+        "s/run = median training time of one run (epochs only, without data loading), on a shared machine.",
+        "",
+    ]
+    return "\n".join(header + [cell_report(out, name) for name in names])
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("cells", nargs="*", help=f"cells to run (default: all but cifar10-sub): {', '.join(CELLS)}")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"runs directory (default {DEFAULT_OUT})")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes, 1 thread each (default 2)")
+    parser.add_argument("--stage", choices=("all", "tune", "compare"), default="all",
+                        help="tune only, compare only (tuning must be done), or both (default)")
+    parser.add_argument("--methods", default="",
+                        help="comma-separated method labels to run in the comparison (default: all of each cell)")
+    parser.add_argument("--report-only", action="store_true", help="print the tables of what has finished")
+    parser.add_argument("--list", action="store_true", help="list the cells and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, cell in CELLS.items():
+            print(f"{name}: {cell.note}; methods {list(cell.methods)}; {len(cell.seeds)} seeds")
+        return 0
+    names = args.cells or [name for name, cell in CELLS.items() if cell.in_all]
+    unknown = [name for name in names if name not in CELLS]
+    if unknown:
+        parser.error(f"unknown cell(s) {unknown}; accepted: {', '.join(CELLS)}")
+    if args.jobs < 1:
+        parser.error(f"--jobs={args.jobs} must be >= 1")
+    if not args.report_only:
+        if args.stage in ("all", "tune"):
+            _run_all([job for name in names for job in tune_jobs(args.out, name, CELLS[name])], args.jobs)
+        if args.stage in ("all", "compare"):
+            methods = [label for label in args.methods.split(",") if label] or None
+            jobs = []
+            for name in names:
+                (lr, wd), _ = tuned_values(args.out, name)
+                jobs += compare_jobs(args.out, name, CELLS[name], lr, wd, methods)
+            _run_all(jobs, args.jobs)
+    text = report(args.out, names)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

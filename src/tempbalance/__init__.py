@@ -1,7 +1,9 @@
 """TempBalance: layer-wise learning-rate balancing from heavy-tailed weight spectra (HT-SR).
 
 Public API: :func:`analyze` (per-layer spectral metrics), :func:`find_layers`,
-:func:`register_layer_type`, :func:`fit_power_law`.
+:func:`register_layer_type`, :func:`fit_power_law`; :class:`TempBalance` and
+:func:`param_groups` (the scheduler); :class:`SpectralNormRegularizer` (SNR);
+:func:`distributed_analyze_layers` (the eigen work split across ranks).
 """
 
 from .analysis import AnalysisOptions, AnalysisReport, LayerRecord, analyze, analyze_layers
@@ -10,6 +12,8 @@ from .powerlaw import PowerLawFit, fit_power_law
 from .assign import create_assign, register_assign, register_metric
 from .groups import LayerSelection, param_groups, plan_balance, register_norm_type
 from .scheduler import TempBalance
+from .regularize import SpectralNormRegularizer
+from .distributed import distributed_analyze_layers
 
 __version__ = "0.1.0"
 
@@ -34,4 +38,6 @@ __all__ = [
     "register_assign",
     "register_metric",
     "register_norm_type",
+    "SpectralNormRegularizer",
+    "distributed_analyze_layers",
 ]

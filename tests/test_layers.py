@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tempbalance.layers import MatrixOptions, find_layers, register_layer_type, unwrap_model
+from tempbalance.layers import MatrixOptions, find_layers, register_layer_type, registered_layer_types, unwrap_model
 from tempbalance.spectrum import pooled_spectra
 
 
@@ -213,8 +213,10 @@ def test_user_registered_layer_type():
             self.weight = nn.Parameter(torch.randn(4, 5, 6))
 
     assert find_layers(nn.Sequential(Bilinear2())) == []
+    assert Bilinear2 not in registered_layer_types()
     register_layer_type(Bilinear2, lambda w, module, options: w.reshape(4, 5, 6))
     try:
+        assert registered_layer_types()[-1] is Bilinear2 and nn.Linear in registered_layer_types()
         refs = find_layers(nn.Sequential(Bilinear2()))
         assert [r.kind for r in refs] == ["Bilinear2"]
         w = refs[0].weight.detach()

@@ -368,7 +368,7 @@ def param_groups(
             remove_last=remove_last,
             eigs_thresh=eigs_thresh,
             norm_follows=norm_follows,
-            types=None if types is None else tuple(types),
+            types=types,
             conv_mode=conv_mode,
         ),
     )

@@ -20,7 +20,6 @@ __all__ = [
     "registered_layer_types",
     "unwrap_model",
     "find_layers",
-    "layer_matrices",
 ]
 
 CONV_MODES = ("per_position", "flatten")
@@ -309,8 +308,3 @@ def _refs_for_module(name: str, module: nn.Module, split_qkv: bool) -> Iterator[
     if not isinstance(w, torch.Tensor) or w.dim() < 2:
         return
     yield LayerRef(name, module, _kind(module), w, fn, not w.requires_grad)
-
-
-def layer_matrices(ref: LayerRef, options: MatrixOptions | None = None) -> torch.Tensor:
-    """Convenience: the ``(batch, m, n)`` matrix stack of one layer."""
-    return ref.matrices(options or MatrixOptions())

@@ -224,7 +224,7 @@ class TempBalance(LRScheduler):
             remove_last=remove_last,
             eigs_thresh=eigs_thresh,
             norm_follows=norm_follows,
-            types=None if types is None else tuple(types),
+            types=types,
             conv_mode=conv_mode,
         )
         self._assign = self._build_assign(assign, s1, s2, assign_options or {})

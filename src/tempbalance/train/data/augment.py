@@ -5,8 +5,15 @@ No per-image Python: one gather for the crop and one ``torch.where`` for the fli
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Iterator
+
 import torch
 import torch.nn.functional as F
+
+from .sharding import STREAM_AUGMENT, make_generator
+
+if TYPE_CHECKING:
+    from .registry import DatasetInfo
 
 __all__ = ["crop_at", "flip_where", "random_crop_flip", "normalize"]
 
@@ -55,3 +62,24 @@ def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Genera
 def normalize(raw: torch.Tensor, pixel_scale: float, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """``(raw / pixel_scale - mean) / std`` as float32; mean/std broadcast over (B, C, ...)."""
     return (raw.to(torch.float32) / pixel_scale - mean) / std
+
+
+def augmented_batches(
+    raw_batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    info: "DatasetInfo",
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    *,
+    augment: bool,
+    seed: int,
+    epoch: int,
+    rank: int,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Training batches as the network sees them: each raw ``(x, y)`` batch gets the data set's
+    augmentation (random crop + flip when ``augment`` and its policy is ``"crop-flip"``, drawn
+    from the generator of ``(seed, epoch, rank)``), then normalisation."""
+    generator = make_generator(seed, STREAM_AUGMENT, epoch, rank) if augment and info.augment == "crop-flip" else None
+    for raw, y in raw_batches:
+        if generator is not None:
+            raw = random_crop_flip(raw, info.padding, generator)
+        yield normalize(raw, info.pixel_scale, mean, std), y

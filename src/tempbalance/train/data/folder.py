@@ -13,10 +13,10 @@ from typing import Iterator
 import torch
 
 from ...errors import ConfigError
-from .augment import normalize, random_crop_flip
+from .augment import augmented_batches, normalize
 from .readers import list_image_folder
 from .registry import DatasetInfo
-from .sharding import STREAM_AUGMENT, epoch_order, make_generator, num_batches, shard_batches, stratified_subset
+from .sharding import epoch_order, num_batches, shard_batches, stratified_subset
 
 __all__ = ["FolderDataset"]
 
@@ -126,12 +126,10 @@ class FolderDataset:
         """Yield this rank's ``(x, y)`` training batches for ``epoch`` (see ``InMemoryDataset.train_batches``)."""
         order = self._train_index[epoch_order(self.num_train, seed=seed, epoch=epoch)]
         batches = shard_batches(order, batch_size, rank=rank, world_size=world_size, drop_last=drop_last)
-        use_augment = augment and self.info.augment == "crop-flip"
-        generator = make_generator(seed, STREAM_AUGMENT, epoch, rank) if use_augment else None
-        for raw, y in self._load(self._train, batches):
-            if generator is not None:
-                raw = random_crop_flip(raw, self.info.padding, generator)
-            yield normalize(raw, self.info.pixel_scale, self._mean, self._std), y
+        yield from augmented_batches(
+            self._load(self._train, batches), self.info, self._mean, self._std,
+            augment=augment, seed=seed, epoch=epoch, rank=rank,
+        )
 
     def test_batches(self, batch_size: int, *, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
         """Yield this rank's ``(x, y)`` test batches in order, normalised, not augmented."""

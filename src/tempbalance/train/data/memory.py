@@ -10,9 +10,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .augment import normalize, random_crop_flip
+from .augment import augmented_batches, normalize
 from .registry import DatasetInfo
-from .sharding import STREAM_AUGMENT, epoch_order, make_generator, num_batches, shard_batches, stratified_subset
+from .sharding import epoch_order, num_batches, shard_batches, stratified_subset
 
 __all__ = ["InMemoryDataset"]
 
@@ -102,13 +102,10 @@ class InMemoryDataset:
         """
         order = epoch_order(self.num_train, seed=seed, epoch=epoch).to(self.device)
         batches = shard_batches(order, batch_size, rank=rank, world_size=world_size, drop_last=drop_last)
-        use_augment = augment and self.info.augment == "crop-flip"
-        generator = make_generator(seed, STREAM_AUGMENT, epoch, rank) if use_augment else None
-        for index in batches:
-            raw = self.x_train[index]
-            if generator is not None:
-                raw = random_crop_flip(raw, self.info.padding, generator)
-            yield self.normalize(raw), self.y_train[index]
+        raw = ((self.x_train[index], self.y_train[index]) for index in batches)
+        yield from augmented_batches(
+            raw, self.info, self._mean, self._std, augment=augment, seed=seed, epoch=epoch, rank=rank
+        )
 
     def test_batches(self, batch_size: int, *, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
         """Yield this rank's ``(x, y)`` test batches in order, normalised, not augmented."""

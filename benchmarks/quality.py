@@ -38,6 +38,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "runs" / "bench" / "quali
 CIFAR_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10"
 TUNE_SEEDS = (1001, 1002)
 EVAL_SEEDS = tuple(range(10))
+MORE_SEEDS = tuple(range(30))  # the cells whose 10-seed result was borderline (p < 0.1)
 
 # Two-sided 95% t quantiles t_{0.975, df} for df = 1..30 (used when scipy is not installed).
 _T975 = (
@@ -59,6 +60,7 @@ class Cell:
         fixed: (lr, weight_decay) used when there is neither a grid nor ``tune_from``.
         seeds: evaluation seeds.
         tune_seeds: seeds of the tuning runs (kept apart from ``seeds``).
+        pairs: extra paired comparisons (method, against) beyond "each method against CAL".
         note: one line for the report.
         in_all: part of the default selection (False for cells too slow for a 2-core CPU).
     """
@@ -70,6 +72,7 @@ class Cell:
     fixed: tuple[float, float] = (0.1, 5e-4)
     seeds: tuple[int, ...] = EVAL_SEEDS
     tune_seeds: tuple[int, ...] = TUNE_SEEDS
+    pairs: tuple[tuple[str, str], ...] = ()
     note: str = ""
     in_all: bool = True
 
@@ -85,7 +88,7 @@ CELLS: dict[str, Cell] = {
     ),
     "digits": Cell(
         {"dataset": "digits", "model": "cnn-digits", "epochs": 15},
-        GRID_FULL, dict(CAL_TB), note="sklearn digits 1257/540, cnn-digits",
+        GRID_FULL, dict(CAL_TB), seeds=MORE_SEEDS, note="sklearn digits 1257/540, cnn-digits; 30 seeds (p = 0.07 at 10)",
     ),
     "mnist1d-10pct": Cell(
         {"dataset": "mnist1d", "model": "cnn1d", "epochs": 30, "train_fraction": 0.1},
@@ -97,8 +100,11 @@ CELLS: dict[str, Cell] = {
             "tb-sigmoid": {"method": "tb", "assign": "sigmoid"},
             "snr": {"method": "snr", "snr_coef": 0.001},
             "tb+snr": {"method": "tb+snr", "snr_coef": 0.001, "s1": 0.6, "s2": 1.4},
+            "tb-async": {"method": "tb", "tb_async": True},
         },
-        note="mnist1d, 10% of the training set (400 samples), cnn1d; also s1/s2 = 0.8/1.2, the sigmoid map (tau 10, s 1) and SNR",
+        pairs=(("tb-async", "tb"),),
+        note="mnist1d, 10% of the training set (400 samples), cnn1d; also s1/s2 = 0.8/1.2, the sigmoid map (tau 10, s 1), "
+        "SNR, and TB's asynchronous mode",
     ),
     "mnist1d-5pct": Cell(
         {"dataset": "mnist1d", "model": "cnn1d", "epochs": 30, "train_fraction": 0.05},
@@ -114,7 +120,13 @@ CELLS: dict[str, Cell] = {
     ),
     "mnist1d-10pct-mlp": Cell(
         {"dataset": "mnist1d", "model": "mlp", "epochs": 30, "train_fraction": 0.1},
-        GRID, dict(CAL_TB), note="mnist1d 10%, the 5-layer 512-wide MLP (three balanced 512x512 layers)",
+        GRID, {**CAL_TB, "tb-async": {"method": "tb", "tb_async": True}}, seeds=MORE_SEEDS, pairs=(("tb-async", "tb"),),
+        note="mnist1d 10%, the 5-layer 512-wide MLP (three balanced 512x512 layers); 30 seeds (p = 0.09 at 10); "
+        "also TB's asynchronous mode",
+    ),
+    "mnist1d-10pct-deep": Cell(
+        {"dataset": "mnist1d", "model": "cnn1d-deep", "epochs": 30, "train_fraction": 0.1},
+        GRID, dict(CAL_TB), note="mnist1d 10%, the 10-conv cnn1d-deep (9 balanced layers instead of 3; deeper model)",
     ),
     "mnist1d-20pct": Cell(
         {"dataset": "mnist1d", "model": "cnn1d", "epochs": 20, "train_fraction": 0.2},
@@ -291,6 +303,13 @@ def _last_alphas(directory: Path) -> list[float]:
     return [float(v) for v in alphas.values() if v is not None and math.isfinite(v)]
 
 
+def _seed_list(seeds: tuple[int, ...]) -> str:
+    """``0–29`` for a contiguous run of seeds, else the list."""
+    if len(seeds) > 3 and list(seeds) == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}–{seeds[-1]}"
+    return str(list(seeds))
+
+
 def cell_report(out: Path, name: str) -> str:
     """Markdown for one cell: tuning table, then the comparison table."""
     cell = CELLS[name]
@@ -310,7 +329,7 @@ def cell_report(out: Path, name: str) -> str:
                          + f" | {row['mean']:.2f}{mark} |")
         lines.append("")
     source = f"tuned in `{cell.tune_from}`" if cell.tune_from else ("tuned" if rows else "fixed, not tuned")
-    lines += [f"Comparison ({base}; lr={lr:g}, wd={wd:g} {source}; evaluation seeds {list(cell.seeds)}):", "",
+    lines += [f"Comparison ({base}; lr={lr:g}, wd={wd:g} {source}; evaluation seeds {_seed_list(cell.seeds)}):", "",
               "| method | n | final test acc % (mean ± std) | diff vs CAL (mean, 95% CI) | p | wins/ties/losses vs CAL "
               "| s/run | balanced alphas, last epoch (min–max) |", "|---|---|---|---|---|---|---|---|"]
     accs: dict[str, dict[int, float]] = {}
@@ -348,6 +367,14 @@ def cell_report(out: Path, name: str) -> str:
         p = "—" if paired["p"] is None else f"{paired['p']:.2f}"
         lines.append(f"| {label} | {len(values)} | {mean:.2f} ± {_fmt(std)} | {_signed(paired['mean'])} {ci} | {p} "
                      f"| {paired['wins']}/{paired['ties']}/{paired['losses']} | {run_time:.0f} | {spread} |")
+    for label, against in cell.pairs:
+        paired = paired_stats(accs.get(against, {}), accs.get(label, {}))
+        if paired["n"] == 0:
+            continue
+        ci = "—" if paired["ci"] is None else f"[{paired['ci'][0]:+.2f}, {paired['ci'][1]:+.2f}]"
+        p = "—" if paired["p"] is None else f"{paired['p']:.2f}"
+        lines.append(f"\n{label} − {against} (paired, n = {paired['n']}): {_signed(paired['mean'])} {ci}, p {p}, "
+                     f"wins/ties/losses {paired['wins']}/{paired['ties']}/{paired['losses']}")
     lines.append("")
     return "\n".join(lines)
 

@@ -9,6 +9,7 @@ from tempbalance.train.models import MODEL_NAMES, create_model
 
 INPUTS = {
     "cnn1d": (1, (2, 1, 40)),
+    "cnn1d-deep": (1, (2, 1, 40)),
     "cnn-digits": (1, (2, 1, 8, 8)),
     "mlp": (1, (2, 40)),
     "resnet18-64": (3, (2, 3, 64, 64)),
@@ -46,6 +47,8 @@ def test_conv_and_linear_layer_counts():
     # WRN-d-k: 1 stem + 2 per block (n = (d-4)/6 blocks per stage, 3 stages) + 3 projections + 1 linear
     assert count(create_model("wrn16-8", 10)) == 1 + 2 * 6 + 3 + 1
     assert count(create_model("wrn28-6", 10)) == 1 + 2 * 12 + 3 + 1
+    # the deeper mnist1d CNN: 1 stem conv + 3 stages x 3 convs + 1 linear (the plain cnn1d has 4 convs)
+    assert sum(isinstance(m, (nn.Conv1d, nn.Linear)) for m in create_model("cnn1d-deep", 10, 1).modules()) == 11
 
 
 def test_width_scales_channels():

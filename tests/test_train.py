@@ -296,3 +296,28 @@ def test_rng_state_round_trip():
     set_rng_state(state)
     second = (random.random(), float(np.random.rand()), torch.rand(3))
     assert first[:2] == second[:2] and torch.equal(first[2], second[2])
+
+
+@needs_scheduler
+def test_tb_async_run_stops_resumes_and_logs_alphas(tmp_path, capsys):
+    out = tmp_path / "async"
+    argv = [
+        "train", "--dataset", "mnist1d", "--model", "cnn1d", "--method", "tb", "--tb-async", "--epochs", "3",
+        "--width", "0.5", "--train-fraction", "0.1", "--device", "cpu", "--threads", "1", "--no-progress",
+        "--batch-size", "64", "--seed", "5", "--stop-after", "1", "--out", str(out),
+    ]
+    assert cli_main(argv) == 0
+    assert load_checkpoint(out)["scheduler"]["pending"] == 1  # saved while the worker measured epoch 1
+    summary = run_training(tiny(out, method="tb", tb_async=True, resume=True))
+    assert summary["status"] == "finished" and summary["epochs_done"] == 3
+    assert json.loads((out / "config.json").read_text())["tb_async"] is True
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    for row in rows:
+        assert sorted(row["alpha"]) == ["conv2", "conv3", "conv4"]
+        for rate in row["layer_lr"].values():
+            assert 0.5 * row["lr"] - 1e-12 <= rate <= 1.5 * row["lr"] + 1e-12
+    # the measurement pending at the stop was redone after the resume, epoch 2's applied, epoch 3's in flight
+    state = load_checkpoint(out)["scheduler"]
+    assert [entry["step"] for entry in state["history"]] == [0, 1, 2] and state["pending"] == 3
+    assert all(entry["lag_steps"] >= 1 for entry in state["history"][1:])

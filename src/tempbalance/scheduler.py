@@ -25,6 +25,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from .analysis import AnalysisOptions, LayerRecord
 from .assign import assign_options as _assign_option_names
 from .assign import create_assign, get_metric
+from .background import BackgroundMeasurement
 from .distributed import distributed_analyze_layers
 from .errors import ConfigError
 from .groups import BalancePlan, LayerSelection, plan_balance
@@ -66,17 +67,20 @@ class LayerBalance:
 
 @dataclass
 class Rebalance:
-    """One rebalance: the scheduler step it happened at (0 = construction) and every layer."""
+    """One rebalance: the scheduler step whose weights were measured (0 = construction), every
+    layer, and ``lag_steps``: optimizer steps taken between that measurement's snapshot and its
+    factors taking effect (0 in the synchronous mode)."""
 
     step: int
     layers: list[LayerBalance] = field(default_factory=list)
+    lag_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "layers": [asdict(x) for x in self.layers]}
+        return {"step": self.step, "layers": [asdict(x) for x in self.layers], "lag_steps": self.lag_steps}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Rebalance":
-        return cls(int(d["step"]), [LayerBalance(**x) for x in d["layers"]])
+        return cls(int(d["step"]), [LayerBalance(**x) for x in d["layers"]], int(d.get("lag_steps", 0)))
 
 
 def _lr_value(lr: Any) -> float:
@@ -110,6 +114,20 @@ def _optimizer_chain(optimizer: Any) -> list[Any]:
 
 def _state_is_empty(optimizer: Any) -> bool:
     return all(len(getattr(o, "state", {}) or {}) == 0 for o in _optimizer_chain(optimizer))
+
+
+def _hookable_optimizer(optimizer: Any) -> Any:
+    """The innermost optimizer of the chain that takes step pre-hooks (the one that updates
+    the parameters, so its hook runs before every parameter update), or None."""
+    for candidate in reversed(_optimizer_chain(optimizer)):
+        if callable(getattr(candidate, "register_step_pre_hook", None)):
+            return candidate
+    return None
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _scheduler_tree(scheduler: Any) -> list[Any]:
@@ -169,6 +187,14 @@ class TempBalance(LRScheduler):
             are balanced; see :class:`tempbalance.groups.LayerSelection`. Use the same values as
             for :func:`tempbalance.param_groups`.
         fit: power-law fit, ``"median"`` (default, the reference), ``"ks"``, ``"fix-finger"``.
+        asynchronous: measure off the training path (default False). A due :meth:`step` copies
+            the balanced weights to host memory and returns; one worker thread measures the copy,
+            and the new factors take effect before the first optimizer step after it finishes
+            (a step pre-hook on the optimizer). A measurement still running when the next one is
+            due is waited for. The construction-time measurement stays synchronous. Single
+            process only (under torch.distributed the synchronous mode already splits the work
+            across ranks). Rates then depend on the worker's timing, so runs are not bit-for-bit
+            repeatable; ``history[i].lag_steps`` records each delay.
         **analysis_options: ``xmin_pos``, ``hill``, ``filter_zeros``, ``zero_threshold``,
             ``precision`` (default ``"float64"`` here: the min-max map stretches alpha spreads
             of a few hundredths to the full factor range, so round-off would show in the
@@ -200,6 +226,7 @@ class TempBalance(LRScheduler):
         types: Iterable[type] | None = None,
         conv_mode: str = "per_position",
         fit: str = "median",
+        asynchronous: bool = False,
         **analysis_options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -211,6 +238,13 @@ class TempBalance(LRScheduler):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise ConfigError(f"{key}={value!r} must be an integer >= {low}")
         interval, warmup = int(interval), int(warmup)
+        if not isinstance(asynchronous, bool):
+            raise ConfigError(f"asynchronous={asynchronous!r} must be True or False")
+        if asynchronous and _world_size() > 1:
+            raise ConfigError(
+                f"asynchronous=True is for a single process (world size is {_world_size()}); under "
+                "torch.distributed use the synchronous mode, which splits the measurement across ranks"
+            )
         unknown = sorted(set(analysis_options) - set(_ANALYSIS_KEYS))
         if unknown:
             raise TypeError(f"TempBalance got unknown option(s) {unknown}; analysis options accepted: {list(_ANALYSIS_KEYS)}")
@@ -237,7 +271,7 @@ class TempBalance(LRScheduler):
         self._config = {
             "assign": assign if isinstance(assign, str) else getattr(assign, "__name__", "custom"),
             "s1": s1, "s2": s2, "assign_options": dict(assign_options or {}),
-            "metric": self.metric_name, "interval": interval, "warmup": warmup,
+            "metric": self.metric_name, "interval": interval, "warmup": warmup, "asynchronous": asynchronous,
         }
         self._check_base_scheduler()
 
@@ -256,6 +290,11 @@ class TempBalance(LRScheduler):
         self.last_records: list[LayerRecord] = []
         self._reported: set[str] = set()
         self._warned_external = False
+        self._background: BackgroundMeasurement | None = None
+        self._resume_pending: int | None = None  # a measurement to redo at the next optimizer step
+        self._optimizer_steps = 0  # counted by the step pre-hook
+        self._started_at = 0  # self._optimizer_steps when the pending snapshot was taken
+        self._hook: Any = None
         for group in self._balanced_groups():
             self._init_group(group)
         self.base_lrs = [g.get("initial_lr", _lr_value(g["lr"])) for g in optimizer.param_groups]
@@ -264,6 +303,9 @@ class TempBalance(LRScheduler):
         if self._due(0):
             self.rebalance()
         self._apply()
+        if asynchronous and self.plan.layers:
+            self._background = BackgroundMeasurement([layer.ref for layer in self.plan.layers], self._analysis)
+            self._register_hook()
 
     # --- construction helpers ---------------------------------------------------------------
 
@@ -439,17 +481,89 @@ class TempBalance(LRScheduler):
         self.last_epoch += 1
         self._step_count += 1
         if self._due(self.last_epoch):
-            self.rebalance()
+            self._resume_pending = None  # superseded by this measurement
+            if self._background is not None:
+                self._finish(self._background.wait())
+                self._start_background(self.last_epoch)
+            else:
+                self.rebalance()
+        else:
+            self._start_resumed()
+            if self._background is not None:
+                self._finish(self._background.poll())
         self._apply()
+
+    # --- asynchronous mode ------------------------------------------------------------------
+
+    def _register_hook(self) -> None:
+        if self._hook is not None:
+            return
+        target = _hookable_optimizer(self.optimizer)
+        if target is None:
+            logger.info(
+                "TempBalance: %s takes no step pre-hooks; measurements are applied at the next step() instead",
+                type(self.optimizer).__name__,
+            )
+            return
+        self._hook = target.register_step_pre_hook(self._before_optimizer_step)
+
+    def _before_optimizer_step(self, *_: Any) -> None:
+        """Optimizer step pre-hook: apply a finished measurement, or start the one a resumed
+        state left pending (the weights are still those of the saved step)."""
+        self._optimizer_steps += 1
+        self._start_resumed()
+        if self._background is not None:
+            self._finish(self._background.poll())
+
+    def _start_resumed(self) -> None:
+        """Redo the measurement a loaded state left pending (synchronously without a worker)."""
+        if self._resume_pending is None:
+            return
+        label, self._resume_pending = self._resume_pending, None
+        if self._background is None:
+            self._set_factors(self._measure(), label)
+            self._apply()
+        else:
+            self._start_background(label)
+
+    def _start_background(self, label: int) -> None:
+        assert self._background is not None
+        self._started_at = self._optimizer_steps
+        self._background.start(label)
+
+    def _finish(self, result: tuple[int, list[LayerRecord]] | None) -> None:
+        if result is None:
+            return
+        label, records = result
+        self._set_factors(records, label, lag_steps=self._optimizer_steps - self._started_at)
+        self._apply()
+
+    def wait(self) -> Rebalance | None:
+        """Block until a pending asynchronous measurement is done and apply it; returns its
+        :class:`Rebalance` (None when nothing was pending, and always in the synchronous mode)."""
+        if self._background is None or self._background.pending is None:
+            return None
+        self._finish(self._background.wait())
+        return self.history[-1]
 
     def rebalance(self) -> Rebalance | None:
         """Measure the balanced layers now and set new factors (also called by :meth:`step`).
 
+        Always synchronous: in the asynchronous mode a pending measurement is applied first.
         Returns the new :class:`Rebalance` record (None when no layer is balanced).
         """
         if not self.plan.layers:
             return None
-        records = distributed_analyze_layers([layer.ref for layer in self.plan.layers], self._analysis)
+        self.wait()
+        entry = self._set_factors(self._measure(), self.last_epoch)
+        self._apply()
+        return entry
+
+    def _measure(self) -> list[LayerRecord]:
+        return distributed_analyze_layers([layer.ref for layer in self.plan.layers], self._analysis)
+
+    def _set_factors(self, records: list[LayerRecord], step: int, lag_steps: int = 0) -> Rebalance:
+        """New factors from one measurement of the balanced layers; appends to :attr:`history`."""
         self.last_records = records
         values = np.array([float(self._metric(r)) for r in records], dtype=np.float64)
         ok = np.isfinite(values)
@@ -479,7 +593,7 @@ class TempBalance(LRScheduler):
             group[FACTOR_KEY] = by_layer[layer]
             untuned.setdefault(layer, group[UNTUNED_KEY])
         entry = Rebalance(
-            self.last_epoch,
+            step,
             [
                 LayerBalance(
                     name, float(r.alpha), float(values[i]), by_layer[name],
@@ -487,6 +601,7 @@ class TempBalance(LRScheduler):
                 )
                 for i, (name, r) in enumerate(zip(self.plan.names, records))
             ],
+            lag_steps,
         )
         self.history.append(entry)
         return entry
@@ -550,10 +665,22 @@ class TempBalance(LRScheduler):
             "reported": sorted(self._reported),
             "base_scheduler": None if self.base_scheduler is None else self.base_scheduler.state_dict(),
             "config": dict(self._config),
+            "pending": self._pending_step(),
         }
 
+    def _pending_step(self) -> int | None:
+        if self._resume_pending is not None:
+            return self._resume_pending
+        return None if self._background is None else self._background.pending
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (order relative to the optimizer's load does not matter)."""
+        """Restore a :meth:`state_dict` (order relative to the optimizer's load does not matter).
+
+        A measurement that was still running when the state was saved (asynchronous mode) is
+        redone from the model's weights at the first optimizer step after loading: the weights
+        saved with the state, when it was saved before the next optimizer step (as a per-epoch
+        checkpoint is).
+        """
         if not isinstance(state_dict, dict) or state_dict.get("version") != 1:
             raise ConfigError("not a TempBalance state_dict (missing version 1)")
         if state_dict.get("config") and state_dict["config"] != self._config:
@@ -572,6 +699,12 @@ class TempBalance(LRScheduler):
                 group[UNTUNED_KEY] = float(untuned[name])
             if group[LAYER_KEY] in factors:
                 group[FACTOR_KEY] = float(factors[group[LAYER_KEY]])
+        if self._background is not None and self._background.pending is not None:
+            self._background.close()
+        pending = state_dict.get("pending")
+        self._resume_pending = None if pending is None else int(pending)
+        if self._resume_pending is not None:
+            self._register_hook()
         self._apply()
 
     def __repr__(self) -> str:

@@ -41,6 +41,7 @@ SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
     ("--resume", "resume", True, "continue the run in --out from its checkpoint"),
     ("--download", "download", True, "fetch a missing data set into --data-dir (cifar10/cifar100/svhn)"),
     ("--compile", "compile", True, "wrap the model in torch.compile"),
+    ("--tb-async", "tb_async", True, "TempBalance: measure on a worker thread, apply when ready (single process)"),
     ("--sync-bn", "sync_bn", True, "under torchrun: SyncBatchNorm over the global batch (CUDA only)"),
     ("--no-progress", "progress", False, "no progress bar"),
     ("--no-augment", "augment", False, "no data augmentation"),

@@ -50,6 +50,8 @@ class TrainConfig:
         assign: TempBalance assignment function, default ``"linear"``.
         metric: quantity TempBalance balances on, one of ``METRICS``, default ``"alpha"``.
         fit: power-law fit, one of ``FITS``, default ``"median"``.
+        tb_async: TempBalance measures a snapshot of the weights on a worker thread and applies the
+            factors when ready (``TempBalance(asynchronous=True)``), default False; single process only.
         snr_coef: spectral-norm regularisation coefficient for the ``snr`` methods, default 0.01.
         snr_power_iterations: power iterations per step for SNR, default 1.
         sgdr_t0: restart period (epochs) of ``sgdr``, default 100 (``T_mult = 1``).
@@ -90,6 +92,7 @@ class TrainConfig:
     assign: str = "linear"
     metric: str = "alpha"
     fit: str = "median"
+    tb_async: bool = False
     snr_coef: float = 0.01
     snr_power_iterations: int = 1
     sgdr_t0: int = 100
@@ -184,8 +187,9 @@ class TrainConfig:
             _positive_int("stop_after", self.stop_after)
         if self.data_dir is not None and not os.path.isdir(self.data_dir):
             raise FileNotFoundError(f"data_dir {self.data_dir!r} does not exist or is not a directory")
-        if not isinstance(self.sync_bn, bool):
-            raise ConfigError(f"sync_bn={self.sync_bn!r} must be true or false")
+        for name in ("sync_bn", "tb_async"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
         if self.resume and self.out is None:
             raise ConfigError("resume=True needs an output directory (out) holding checkpoint.pt")
         return self

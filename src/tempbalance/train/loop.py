@@ -451,12 +451,13 @@ def _train(
                     status = "interrupted"
                     break
                 started = time.perf_counter()
-                lr, rates = global_lr(parts.optimizer), balanced_rates(parts.optimizer)
+                lr = global_lr(parts.optimizer)
                 trained = _train_epoch(model, forward, parts, dataset, config, epoch, device, bar, stop, ctx)
                 if trained is None:
                     status = "interrupted"
                     break
                 train_loss, train_acc = trained
+                rates = balanced_rates(parts.optimizer)  # as the epoch ended (an async rebalance lands mid-epoch)
                 if not math.isfinite(train_loss):
                     raise TempBalanceError(
                         f"training diverged: train loss {train_loss} in epoch {epoch + 1} "

@@ -95,6 +95,7 @@ def _balanced(model: nn.Module, config: TrainConfig, make_optimizer) -> tuple[to
         assign=config.assign,
         s1=config.s1,
         s2=config.s2,
+        asynchronous=config.tb_async,
     )
     return optimizer, balancer
 

@@ -41,6 +41,29 @@ class CNN1d(nn.Module):
         return self.linear(out.mean(dim=2))
 
 
+class DeepCNN1d(nn.Module):
+    """The deeper mnist1d CNN: Conv1d(k5), then ``stages`` stages of ``per_stage``
+    Conv1d(k3, pad 1) layers (BN + ReLU each, max-pool after each stage), global average
+    pool, Linear. 1 + stages * per_stage conv layers (10 at the defaults). Input (B, C, L) with
+    L >= 4 + 2 ** stages, output (B, num_classes)."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1, width: float = 1.0, stages: int = 3, per_stage: int = 3):
+        super().__init__()
+        c = _scaled(64, width)
+        layers: list[nn.Module] = [nn.Conv1d(in_channels, c, 5), nn.BatchNorm1d(c), nn.ReLU(inplace=True)]
+        for _ in range(stages):
+            for _ in range(per_stage):
+                layers += [nn.Conv1d(c, c, 3, padding=1), nn.BatchNorm1d(c), nn.ReLU(inplace=True)]
+            layers.append(nn.MaxPool1d(2))
+        self.features = nn.Sequential(*layers)
+        self.linear = nn.Linear(c, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:
+            x = x.unsqueeze(1)
+        return self.linear(self.features(x).mean(dim=2))
+
+
 class DigitsCNN(nn.Module):
     """conv32-conv64-pool-conv64-conv128-pool (3x3, BN + ReLU), global average pool, Linear.
     Input (B, C, 8, 8), output (B, num_classes)."""
@@ -84,6 +107,13 @@ class MLP(nn.Module):
 def cnn1d(num_classes: int, in_channels: int = 1, width: float = 1.0) -> CNN1d:
     """The mnist1d 1-D CNN (64 channels at width 1)."""
     return CNN1d(num_classes, in_channels, width)
+
+
+@register_model("cnn1d-deep")
+def cnn1d_deep(num_classes: int, in_channels: int = 1, width: float = 1.0) -> DeepCNN1d:
+    """The deeper mnist1d 1-D CNN: 10 conv layers (9 of them balanced by default), 64 channels
+    at width 1."""
+    return DeepCNN1d(num_classes, in_channels, width)
 
 
 @register_model("cnn-digits")

@@ -1,0 +1,105 @@
+"""Layer measurements off the training path: a CPU snapshot of the weights, measured by one
+worker thread while training goes on (the asynchronous mode of :class:`tempbalance.TempBalance`).
+
+The snapshot is taken on the calling thread (a copy to host memory; on an accelerator this waits
+for the queued kernels that write the weights, as any ``.item()`` does), so later optimizer steps
+never change what is measured. The worker then runs :func:`tempbalance.analysis.analyze_layers`
+on the copies, in the precision the options ask for, with torch's CPU threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Sequence
+
+import torch
+
+from .analysis import AnalysisOptions, LayerRecord, analyze_layers
+from .layers import LayerRef
+
+__all__ = ["BackgroundMeasurement", "snapshot_refs"]
+
+logger = logging.getLogger(__name__)
+
+
+def snapshot_refs(refs: Sequence[LayerRef]) -> list[LayerRef]:
+    """The same layers with each weight replaced by a detached CPU copy (tied weights copied once).
+
+    The copies keep the weights' dtype; ``module`` is still the live module (matrix functions read
+    only its configuration, e.g. a convolution's ``groups``).
+    """
+    copies: dict[int, torch.Tensor] = {}
+    out = []
+    for ref in refs:
+        key = id(ref.weight)
+        if key not in copies:
+            copies[key] = ref.weight.detach().to("cpu", copy=True)
+        out.append(dataclasses.replace(ref, weight=copies[key]))
+    return out
+
+
+class BackgroundMeasurement:
+    """At most one measurement in flight, on one worker thread.
+
+    Args:
+        refs: the layers to measure (the live model's).
+        options: the measurement settings.
+
+    Use :meth:`start` with a label (the scheduler's step), :meth:`poll` from the training thread
+    to collect a finished result without waiting, :meth:`wait` to block for it. An exception in
+    the worker is raised again by :meth:`poll` / :meth:`wait`.
+    """
+
+    def __init__(self, refs: Sequence[LayerRef], options: AnalysisOptions) -> None:
+        self._refs = list(refs)
+        self._options = options
+        self._executor: ThreadPoolExecutor | None = None
+        self._future: Future[list[LayerRecord]] | None = None
+        self._label: int | None = None
+
+    @property
+    def pending(self) -> int | None:
+        """The label of the measurement in flight (or finished but not collected), else None."""
+        return self._label
+
+    def start(self, label: int) -> None:
+        """Snapshot the weights now and measure them on the worker thread.
+
+        Raises:
+            RuntimeError: a measurement is still pending (collect it first).
+        """
+        if self._future is not None:
+            raise RuntimeError(f"a measurement (step {self._label}) is still pending; collect it with wait() first")
+        snapshot = snapshot_refs(self._refs)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tempbalance-measure")
+        self._future = self._executor.submit(analyze_layers, snapshot, self._options)
+        self._label = label
+        logger.debug("TempBalance: background measurement of step %d started (%d layers)", label, len(snapshot))
+
+    def poll(self) -> tuple[int, list[LayerRecord]] | None:
+        """``(label, records)`` when the pending measurement has finished, else None (no wait)."""
+        if self._future is None or not self._future.done():
+            return None
+        return self._collect()
+
+    def wait(self) -> tuple[int, list[LayerRecord]] | None:
+        """Block until the pending measurement finishes; ``(label, records)``, or None if none."""
+        if self._future is None:
+            return None
+        return self._collect()
+
+    def _collect(self) -> tuple[int, list[LayerRecord]]:
+        future, label = self._future, self._label
+        self._future, self._label = None, None
+        assert future is not None and label is not None
+        return label, future.result()
+
+    def close(self) -> None:
+        """Drop any pending result and stop the worker thread (after its current measurement)."""
+        self._future, self._label = None, None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None

@@ -4,7 +4,7 @@
 #   1. analysis speed on the GPU: tempbalance.analyze (Gram + eigvalsh) vs the reference algorithm's
 #      svdvals path, on the CIFAR ResNet18, VGG16 and WRN28-6 (random init), with alpha agreement;
 #   2. one TempBalance rebalance vs one ResNet18 epoch (391 steps of batch 128, bf16, synthetic
-#      32x32 data);
+#      32x32 data), and what the asynchronous mode leaves on the training path;
 #   3. the harness's training throughput (images/s, CAL and TB) on CIFAR-10 (or synthetic data);
 #   4. CAL vs TB, ResNet18 on CIFAR-10 for the remaining time (only with real data).
 #
@@ -161,42 +161,73 @@ def cmd_analysis(args) -> str:
 def cmd_rebalance(args) -> str:
     dev = device()
     torch.manual_seed(0)
-    model = create_model("resnet18", 10, 3, args.width).to(dev)
-    if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(tempbalance.param_groups(model, weight_decay=5e-4), lr=0.1, momentum=0.9)
-    base = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=200)
-    balancer = tempbalance.TempBalance(model, optimizer, base)
     x = torch.randn(args.batch, 3, 32, 32, device=dev)
     y = torch.randint(0, 10, (args.batch,), device=dev)
     if dev.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     amp = torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
 
-    def step():
-        with amp:
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def setup(asynchronous):
+        torch.manual_seed(0)
+        model = create_model("resnet18", 10, 3, args.width).to(dev)
+        if dev.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(tempbalance.param_groups(model, weight_decay=5e-4), lr=0.1, momentum=0.9)
+        base = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=200)
+        balancer = tempbalance.TempBalance(model, optimizer, base, asynchronous=asynchronous)
 
-    for _ in range(3):
-        step()
-    sync(dev)
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync(dev)
-    t_step = (time.perf_counter() - t) / args.steps
+        def step():
+            with amp:
+                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return balancer, step
+
+    def steps_time(step, count):
+        sync(dev)
+        t = time.perf_counter()
+        for _ in range(count):
+            step()
+        sync(dev)
+        return time.perf_counter() - t
+
+    balancer, step = setup(False)
+    steps_time(step, 3)
+    t_step = steps_time(step, args.steps) / args.steps
     steps_per_epoch = math.ceil(50_000 / args.batch)
     t_reb, _ = timed(balancer.rebalance, dev, args.repeats)
     epoch = t_step * steps_per_epoch
+    # asynchronous mode: what a due step() costs the training thread (the snapshot copy), how long
+    # the worker takes, and how much slower training steps run while it works
+    balancer, step = setup(True)
+    steps_time(step, 3)
+    path, worker, overlap = [], [], []
+    for _ in range(args.repeats + 1):
+        sync(dev)
+        t = time.perf_counter()
+        balancer.step()
+        sync(dev)
+        path.append(time.perf_counter() - t)
+        balancer.wait()
+        worker.append(time.perf_counter() - t)
+        balancer.step()
+        overlap.append(steps_time(step, args.steps) / args.steps)
+        balancer.wait()
+    path, worker, overlap = min(path[1:]), min(worker[1:]), statistics.median(overlap[1:])
     return "\n".join([
         f"One rebalance vs one epoch on {describe(dev)}: ResNet18 (width {args.width:g}), synthetic 32x32 data, "
         f"batch {args.batch}, bf16 autocast, SGD; epoch = {steps_per_epoch} steps x the mean of {args.steps} timed "
         f"steps; rebalance = best of {args.repeats}.", "",
         "| step (ms) | epoch (s) | rebalance (ms) | rebalance / epoch |", "|---|---|---|---|",
-        f"| {1e3 * t_step:.2f} | {epoch:.2f} | {1e3 * t_reb:.1f} | {100 * t_reb / epoch:.2f}% |"])
+        f"| {1e3 * t_step:.2f} | {epoch:.2f} | {1e3 * t_reb:.1f} | {100 * t_reb / epoch:.2f}% |", "",
+        f"Asynchronous mode (TempBalance(asynchronous=True); best of {args.repeats}): a due step() on the training "
+        f"thread (snapshot copy to host), the measurement until applied with no training meanwhile, and the mean "
+        f"training step while the worker measures ({args.steps} steps).", "",
+        "| due step() on the training path (ms) | share of an epoch | measurement until applied (ms) | step during the measurement (ms) |",
+        "|---|---|---|---|",
+        f"| {1e3 * path:.1f} | {100 * path / epoch:.3f}% | {1e3 * worker:.1f} | {1e3 * overlap:.2f} (vs {1e3 * t_step:.2f}) |"])
 
 
 def cmd_synthetic(args) -> str:
@@ -341,9 +372,9 @@ fi
 log "1/4 analysis speed"
 timeout 120 "${BENCH[@]}" analysis --width "$A_WIDTH" --repeats "$A_REPEATS" || log "analysis step failed or timed out (rc $?)"
 
-# 2. rebalance vs epoch (capped at 60 s)
+# 2. rebalance vs epoch, sync and async (capped at 90 s)
 log "2/4 rebalance vs epoch"
-timeout 60 "${BENCH[@]}" rebalance --width "$R_WIDTH" --batch "$R_BATCH" --steps "$R_STEPS" || log "rebalance step failed or timed out (rc $?)"
+timeout 90 "${BENCH[@]}" rebalance --width "$R_WIDTH" --batch "$R_BATCH" --steps "$R_STEPS" || log "rebalance step failed or timed out (rc $?)"
 
 # 3. harness throughput, CAL and TB, 2 epochs each, one after the other (capped)
 if [[ "$DATA_KIND" == synthetic ]]; then

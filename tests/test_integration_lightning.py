@@ -127,6 +127,25 @@ def test_step_interval_without_scheduler():
         assert _group_of(trainer.optimizers[0], module.get_submodule(name).weight)["lr"] == pytest.approx(LR * factor)
 
 
+def test_asynchronous_mode_lands_through_lightnings_optimizer_step():
+    module = Module("epoch")
+    callback = TempBalanceCallback(asynchronous=True)
+    trainer = _trainer(3, callback)  # 4 optimizer steps per epoch
+    _fit(trainer, module)
+    balancer = callback.balancer
+    snapshot = [module.get_submodule(n).weight.detach().numpy().copy() for n in BALANCED]
+    entry = balancer.wait()  # the measurement of the last epoch's end, still in flight after fit
+    assert entry is not None and entry.step == 3
+    # epochs 1 and 2 were measured at their ends and applied by the pre-hook during the next epoch
+    assert [h.step for h in balancer.history] == [0, 1, 2, 3]
+    assert all(1 <= h.lag_steps <= 4 for h in balancer.history[1:3])
+    alphas = np.array([_median_hill_alpha(w) for w in snapshot])
+    np.testing.assert_allclose([x.alpha for x in entry.layers], alphas, rtol=1e-8)
+    for name, factor in zip(BALANCED, _linear_map(alphas)):
+        group = _group_of(trainer.optimizers[0], module.get_submodule(name).weight)
+        assert group["lr"] == pytest.approx(LR * DECAY ** 3 * factor, rel=1e-9)
+
+
 def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     full_cb = TempBalanceCallback()
     full_module = Module("epoch")

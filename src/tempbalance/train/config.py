@@ -52,6 +52,7 @@ class TrainConfig:
         fit: power-law fit, one of ``FITS``, default ``"median"``.
         tb_async: TempBalance measures a snapshot of the weights on a worker thread and applies the
             factors when ready (``TempBalance(asynchronous=True)``), default False; single process only.
+            An epoch's logged ``alpha`` is then that of the last measurement applied by its end.
         snr_coef: spectral-norm regularisation coefficient for the ``snr`` methods, default 0.01.
         snr_power_iterations: power iterations per step for SNR, default 1.
         sgdr_t0: restart period (epochs) of ``sgdr``, default 100 (``T_mult = 1``).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -321,3 +322,33 @@ def test_tb_async_run_stops_resumes_and_logs_alphas(tmp_path, capsys):
     state = load_checkpoint(out)["scheduler"]
     assert [entry["step"] for entry in state["history"]] == [0, 1, 2] and state["pending"] == 3
     assert all(entry["lag_steps"] >= 1 for entry in state["history"][1:])
+
+
+# ---------------------------------------------------------------- the accelerator options, on CPU
+
+
+@needs_scheduler
+def test_bf16_autocast_runs_and_changes_the_arithmetic(tmp_path):
+    plain = run_training(tiny(tmp_path / "fp32", method="tb", epochs=1))
+    bf16 = run_training(tiny(tmp_path / "bf16", method="tb", epochs=1, amp="bf16"))
+    assert bf16["status"] == "finished" and math.isfinite(bf16["final_test_loss"])
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["amp"] == "bf16"
+    # autocast really ran: the weights differ from the float32 run's, but stay float32 and close
+    wa, wb = weights(tmp_path / "fp32"), weights(tmp_path / "bf16")
+    assert all(wb[k].dtype == wa[k].dtype for k in wa)
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa if wa[k].is_floating_point())
+    assert abs(bf16["final_test_acc"] - plain["final_test_acc"]) < 15
+
+
+@pytest.mark.slow  # inductor compiles the model on the CPU (~1 min on 2 cores)
+@needs_scheduler
+def test_compiled_run_saves_plain_weights_and_resumes(tmp_path):
+    out = tmp_path / "compiled"
+    stopped = run_training(tiny(out, method="tb", compile=True, stop_after=1))
+    assert stopped["status"] == "stopped"
+    keys = set(weights(out))
+    assert keys == set(tempbalance.train.models.create_model("cnn1d", 10, 1, 0.5).state_dict())  # no _orig_mod.
+    summary = run_training(tiny(out, method="tb", compile=True, resume=True))
+    assert summary["status"] == "finished" and summary["epochs_done"] == 3
+    eager = run_training(tiny(tmp_path / "eager", method="tb"))
+    assert abs(summary["final_test_acc"] - eager["final_test_acc"]) < 15  # same recipe, other kernels

@@ -203,3 +203,14 @@ def test_snapshot_copies_tied_weights_once_and_leaves_the_model_alone():
     with torch.no_grad():
         shared.weight.add_(1.0)
     assert not torch.equal(copies[0].weight, shared.weight.detach())
+
+
+def test_states_move_between_the_modes_silently(caplog):
+    model, optimizer, sync = make(asynchronous=False)
+    train_step(model, optimizer, 0)
+    sync.step()
+    _, _, asynchronous = make(seed=1, asynchronous=True)
+    with caplog.at_level("WARNING", logger="tempbalance"):
+        asynchronous.load_state_dict(sync.state_dict())
+    assert not caplog.records
+    assert asynchronous.factors == sync.factors and asynchronous.state_dict()["pending"] is None

@@ -271,7 +271,7 @@ class TempBalance(LRScheduler):
         self._config = {
             "assign": assign if isinstance(assign, str) else getattr(assign, "__name__", "custom"),
             "s1": s1, "s2": s2, "assign_options": dict(assign_options or {}),
-            "metric": self.metric_name, "interval": interval, "warmup": warmup, "asynchronous": asynchronous,
+            "metric": self.metric_name, "interval": interval, "warmup": warmup,
         }
         self._check_base_scheduler()
 

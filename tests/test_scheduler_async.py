@@ -95,7 +95,7 @@ def test_factors_come_from_the_snapshot_and_apply_at_the_next_optimizer_step(mon
     current = reference_rates(model, LR, "order")  # the weights have moved on: other factors
     assert any(abs(current[k] - expected[k]) > 1e-4 * LR for k in expected)
     entry = scheduler.history[-1]
-    assert entry.step == 1 and entry.lag_steps == 6 and [x.layer for x in entry.layers] == BALANCED
+    assert entry.step == 1 and entry.lag_steps == 5 and [x.layer for x in entry.layers] == BALANCED
     assert scheduler.state_dict()["pending"] is None and scheduler.wait() is None
 
 

@@ -321,7 +321,7 @@ def test_tb_async_run_stops_resumes_and_logs_alphas(tmp_path, capsys):
     # the measurement pending at the stop was redone after the resume, epoch 2's applied, epoch 3's in flight
     state = load_checkpoint(out)["scheduler"]
     assert [entry["step"] for entry in state["history"]] == [0, 1, 2] and state["pending"] == 3
-    assert all(entry["lag_steps"] >= 1 for entry in state["history"][1:])
+    assert all(0 <= entry["lag_steps"] <= 7 for entry in state["history"][1:])  # 7 updates an epoch
 
 
 # ---------------------------------------------------------------- the accelerator options, on CPU

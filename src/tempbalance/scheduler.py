@@ -68,8 +68,8 @@ class LayerBalance:
 @dataclass
 class Rebalance:
     """One rebalance: the scheduler step whose weights were measured (0 = construction), every
-    layer, and ``lag_steps``: optimizer steps taken between that measurement's snapshot and its
-    factors taking effect (0 in the synchronous mode)."""
+    layer, and ``lag_steps``: optimizer updates made with the old factors between that
+    measurement's snapshot and its factors taking effect (0 in the synchronous mode)."""
 
     step: int
     layers: list[LayerBalance] = field(default_factory=list)
@@ -292,7 +292,7 @@ class TempBalance(LRScheduler):
         self._warned_external = False
         self._background: BackgroundMeasurement | None = None
         self._resume_pending: int | None = None  # a measurement to redo at the next optimizer step
-        self._optimizer_steps = 0  # counted by the step pre-hook
+        self._optimizer_steps = 0  # optimizer updates so far, counted by the step pre-hook
         self._started_at = 0  # self._optimizer_steps when the pending snapshot was taken
         self._hook: Any = None
         for group in self._balanced_groups():
@@ -510,10 +510,10 @@ class TempBalance(LRScheduler):
     def _before_optimizer_step(self, *_: Any) -> None:
         """Optimizer step pre-hook: apply a finished measurement, or start the one a resumed
         state left pending (the weights are still those of the saved step)."""
-        self._optimizer_steps += 1
         self._start_resumed()
         if self._background is not None:
             self._finish(self._background.poll())
+        self._optimizer_steps += 1
 
     def _start_resumed(self) -> None:
         """Redo the measurement a loaded state left pending (synchronously without a worker)."""

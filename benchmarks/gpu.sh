@@ -5,7 +5,7 @@
 #      svdvals path, on the CIFAR ResNet18, VGG16 and WRN28-6 (random init), with alpha agreement;
 #   2. one TempBalance rebalance vs one ResNet18 epoch (391 steps of batch 128, bf16, synthetic
 #      32x32 data), and what the asynchronous mode leaves on the training path;
-#   3. the harness's training throughput (images/s, CAL and TB) on CIFAR-10 (or synthetic data);
+#   3. the harness's training throughput (images/s, CAL, TB, and TB under --compile) on CIFAR-10 (or synthetic data);
 #   4. CAL vs TB, ResNet18 on CIFAR-10 for the remaining time (only with real data).
 #
 # Usage (repository root, in an environment with torch):
@@ -250,7 +250,7 @@ def cmd_train(args) -> str:
     config = TrainConfig(dataset="cifar10", model="resnet18", width=args.width, method=args.method,
                          epochs=args.epochs, lr=args.lr, weight_decay=args.wd, seed=args.seed,
                          data_dir=args.data_dir, train_fraction=args.train_fraction, out=args.out,
-                         progress=False, deterministic=False, tag=args.tag)
+                         progress=False, deterministic=False, tag=args.tag, compile=args.compile)
     started = time.perf_counter()
     summary = run_training(config)
     wall = time.perf_counter() - started
@@ -261,7 +261,7 @@ def cmd_train(args) -> str:
     epoch_times = [r["epoch_time"] for r in rows]
     steady = epoch_times[1:] or epoch_times
     summary.update(wall_s=wall, n_train=n_train, images_per_s=n_train / statistics.median(steady),
-                   first_epoch_s=epoch_times[0])
+                   first_epoch_s=epoch_times[0], compiled=args.compile)
     return json.dumps(summary)
 
 
@@ -278,7 +278,7 @@ def cmd_table(args) -> str:
     if args.kind == "throughput":
         rows = ["| method | train images | epoch 1 (s, incl. warm-up) | later epochs: images/s | run wall (s) |",
                 "|---|---|---|---|---|"]
-        rows += [f"| {r['method']} | {r['n_train']} | {r['first_epoch_s']:.1f} | {r['images_per_s']:.0f} | "
+        rows += [f"| {r['method']}{' (torch.compile)' if r.get('compiled') else ''} | {r['n_train']} | {r['first_epoch_s']:.1f} | {r['images_per_s']:.0f} | "
                  f"{r['wall_s']:.1f} |" for r in runs]
         return "\n".join([f"Harness training throughput on {describe(device())}, ResNet18, batch 128, "
                           "the harness's in-memory data path; an epoch's time as the harness logs it:", ""] + rows)
@@ -334,6 +334,7 @@ def main() -> None:
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default)
     p.add_argument("--data-dir", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (TrainConfig.compile)")
     p = sub.add_parser("table")
     p.add_argument("kind", choices=["throughput", "compare"])
     p.add_argument("files", nargs="*")
@@ -387,6 +388,11 @@ for method in cal tb; do
         --data-dir "$DATA_DIR" --out "$WORK/thr_$method" --tag throughput > "$WORK/thr_$method.json" \
         || log "throughput run $method failed or timed out (rc $?)"
 done
+# the first CUDA run of --compile (TB, the same 2 epochs; epoch 1 includes compiling), capped at 120 s
+cap=$(( $(left) / 4 )); (( cap > 120 )) && cap=120
+timeout "$cap" "$PYTHON" "$WORK/bench.py" train --method tb --compile --epochs "$T_EPOCHS" --width "$T_WIDTH" \
+    --data-dir "$DATA_DIR" --out "$WORK/thr_tb_compiled" --tag throughput > "$WORK/thr_tb_compiled.json" \
+    || log "compiled throughput run failed or timed out (rc $?)"
 "${BENCH[@]}" table throughput "$WORK"/thr_*.json > /dev/null || true
 cp "$WORK"/thr_*.json "$OUT"/ 2>/dev/null || true
 

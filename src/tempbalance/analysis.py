@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .farms import check_window_options, farms_windows
 from .layers import LayerRef, MatrixOptions, find_layers
 from .powerlaw import FIT_METHODS, HILL_CONVENTIONS, PowerLawFit, fit_power_law
 from .spectrum import PRECISIONS, compute_dtype, iter_pooled_spectra
@@ -41,6 +42,12 @@ class AnalysisOptions:
         conv_mode: ``"per_position"`` (default) or ``"flatten"``.
         conv_norm: eigenvalue scale of per-position conv matrices. Default 0.5.
         keep_eigenvalues: store each layer's eigenvalues (numpy) in its record.
+        esd: ``"full"`` (default): the spectrum of the whole matrices; ``"farms"``: pooled over
+            fixed-aspect-ratio windows (FARMS, see :mod:`tempbalance.farms`); a record's
+            ``matrix_shape`` / ``num_matrices`` are then those of the windows.
+        window_rows, window_q, windows_per_dim: FARMS windows of ``window_rows x
+            int(window_rows * window_q)`` at ``windows_per_dim`` offsets per side (default 100,
+            2.0, 10); convs are cut into ``int(cols // window_q) x cols`` blocks per kernel position.
     """
 
     fit: str = "median"
@@ -52,6 +59,10 @@ class AnalysisOptions:
     conv_mode: str = "per_position"
     conv_norm: float = 0.5
     keep_eigenvalues: bool = False
+    esd: str = "full"
+    window_rows: int = 100
+    window_q: float = 2.0
+    windows_per_dim: int = 10
 
     def __post_init__(self) -> None:
         if self.fit not in FIT_METHODS:
@@ -65,6 +76,7 @@ class AnalysisOptions:
         if not (isinstance(self.zero_threshold, (int, float)) and self.zero_threshold >= 0):
             raise ValueError(f"zero_threshold={self.zero_threshold!r} must be a number >= 0")
         MatrixOptions(self.conv_mode, self.conv_norm)  # validates both
+        check_window_options(self.esd, self.window_rows, self.window_q, self.windows_per_dim)
 
     @property
     def matrix_options(self) -> MatrixOptions:
@@ -262,6 +274,8 @@ def analyze_layers(
     offset = 0
     for batch in _batches(refs):
         stacks = [ref.matrices(mopts, compute_dtype(ref.weight.dtype, options.precision)) for ref in batch]
+        if options.esd == "farms":
+            stacks = [farms_windows(ref, stack, options) for ref, stack in zip(batch, stacks)]
         for positions, spectra in iter_pooled_spectra(stacks, options.precision):
             for i, eigs in zip(positions, spectra):
                 _store(records, offset + i, _make_record(batch[i], stacks[i], eigs, options), progress)
@@ -376,7 +390,7 @@ def analyze(
         progress: show a tqdm progress bar (if tqdm is installed).
         **options: any field of :class:`AnalysisOptions` (``xmin_pos``, ``hill``,
             ``filter_zeros``, ``zero_threshold``, ``precision``, ``conv_mode``, ``conv_norm``,
-            ``keep_eigenvalues``).
+            ``keep_eigenvalues``, ``esd``, ``window_rows``, ``window_q``, ``windows_per_dim``).
 
     Returns:
         An :class:`AnalysisReport`.

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..analysis import AnalysisOptions, AnalysisReport, analyze_layers
 from ..errors import ConfigError
+from ..farms import ESD_MODES
 from ..layers import CONV_MODES, find_layers
 from ..powerlaw import FIT_METHODS, HILL_CONVENTIONS
 from ..spectrum import PRECISIONS
@@ -58,6 +59,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="eigenvalue precision (default auto)")
     p.add_argument("--conv-mode", default="per_position", choices=CONV_MODES, help="conv matrices (default per_position)")
     p.add_argument("--conv-norm", type=float, default=0.5, help="eigenvalue scale of per-position conv (default 0.5)")
+    p.add_argument("--esd", default="full", choices=ESD_MODES, help="full spectrum, or farms windows (default full)")
+    p.add_argument("--window-rows", type=int, default=100, help="--esd farms: window rows (default 100)")
+    p.add_argument("--window-q", type=float, default=2.0, help="--esd farms: window columns / rows (default 2.0)")
+    p.add_argument("--windows-per-dim", type=int, default=10, help="--esd farms: windows along each side (default 10)")
     p.add_argument("--split-qkv", action="store_true", help="analyse fused attention q/k/v as three layers")
     p.add_argument("--exclude-frozen", action="store_true", help="skip layers whose weight does not require grad")
     p.add_argument("--csv", metavar="PATH", help="write one row per layer ('-' for stdout)")
@@ -86,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
         conv_mode=args.conv_mode,
         conv_norm=args.conv_norm,
         keep_eigenvalues=bool(args.plots),
+        esd=args.esd,
+        window_rows=args.window_rows,
+        window_q=args.window_q,
+        windows_per_dim=args.windows_per_dim,
     )
     model = load_model(args.source, args.arch, args.num_classes, args.in_channels, args.seed).to(device)
     refs = find_layers(model, split_qkv=args.split_qkv, include_frozen=not args.exclude_frozen)

@@ -30,6 +30,7 @@ OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--assign", "assign", str, "TempBalance assignment function; default linear"),
     ("--metric", "metric", str, "TempBalance metric: alpha, alphahat, spectral_norm; default alpha"),
     ("--fit", "fit", str, "power-law fit: median, ks, fix-finger; default median"),
+    ("--esd", "esd", str, "TempBalance spectrum: full (default) or farms (fixed-aspect-ratio windows)"),
     ("--snr-coef", "snr_coef", float, "spectral-norm regularisation coefficient (snr methods); default 0.01"),
     ("--amp", "amp", str, "auto (bf16 autocast on CUDA only), bf16, off; default auto"),
     ("--threads", "num_threads", int, "torch CPU threads"),

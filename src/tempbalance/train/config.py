@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
+from ..farms import ESD_MODES
 
 __all__ = ["TrainConfig", "RESULT_NEUTRAL_FIELDS", "FITS", "METRICS"]
 
@@ -50,6 +51,8 @@ class TrainConfig:
         assign: TempBalance assignment function, default ``"linear"``.
         metric: quantity TempBalance balances on, one of ``METRICS``, default ``"alpha"``.
         fit: power-law fit, one of ``FITS``, default ``"median"``.
+        esd: TempBalance's spectrum, ``"full"`` (default, the published rule) or ``"farms"`` (pooled over
+            fixed-aspect-ratio windows, ``TempBalance(esd="farms")``; docs/farms.md).
         tb_async: TempBalance measures a snapshot of the weights on a worker thread and applies the
             factors when ready (``TempBalance(asynchronous=True)``), default False; single process only.
             An epoch's logged ``alpha`` is then that of the last measurement applied by its end.
@@ -93,6 +96,7 @@ class TrainConfig:
     assign: str = "linear"
     metric: str = "alpha"
     fit: str = "median"
+    esd: str = "full"
     tb_async: bool = False
     snr_coef: float = 0.01
     snr_power_iterations: int = 1
@@ -176,6 +180,8 @@ class TrainConfig:
         create_assign(self.assign)  # raises naming the value and the accepted names
         if self.fit not in FITS:
             raise ConfigError(f"unknown fit {self.fit!r}; accepted: {', '.join(FITS)}")
+        if self.esd not in ESD_MODES:
+            raise ConfigError(f"unknown esd {self.esd!r}; accepted: {', '.join(ESD_MODES)}")
         if self.metric not in METRICS:
             raise ConfigError(f"unknown metric {self.metric!r}; accepted: {', '.join(METRICS)}")
         if self.amp not in AMP_MODES:

@@ -96,6 +96,7 @@ def _balanced(model: nn.Module, config: TrainConfig, make_optimizer) -> tuple[to
         s1=config.s1,
         s2=config.s2,
         asynchronous=config.tb_async,
+        esd=config.esd,
     )
     return optimizer, balancer
 

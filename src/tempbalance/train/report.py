@@ -19,7 +19,7 @@ import numpy as np
 from .loop import SUMMARY_NAME
 from .metrics import read_metrics
 
-__all__ = ["RunResult", "collect_runs", "summarize", "to_markdown", "write_report", "BASELINE"]
+__all__ = ["RunResult", "collect_runs", "method_label", "summarize", "to_markdown", "write_report", "BASELINE"]
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,20 @@ def collect_runs(root: str | Path) -> list[RunResult]:
         setting = config.get("tag") or f"{config.get('dataset')}/{config.get('model')}"
         runs.append(
             RunResult(
-                directory, config, read_metrics(directory), summary, setting, str(config["method"]), int(config["seed"])
+                directory, config, read_metrics(directory), summary, setting, method_label(config), int(config["seed"])
             )
         )
     return runs
+
+
+def method_label(config: dict[str, Any]) -> str:
+    """A run's method as the report names it: ``config["method"]``, with ``[esd=...]`` appended for a
+    balancing method (``tb``, ``tb+snr``, ``tb+sgdp``) measured on a non-default spectrum."""
+    method = str(config["method"])
+    esd = config.get("esd", "full")
+    if esd != "full" and "tb" in method.split("+"):
+        return f"{method}[esd={esd}]"
+    return method
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:

@@ -143,6 +143,15 @@ CELLS: dict[str, Cell] = {
     ),
 }
 
+# TB on FARMS spectra (issue 15), next to TB: paired against CAL and against TB; the report adds the
+# per-layer factors of TB and TB-FARMS side by side.
+FARMS_LABEL = "tb-farms"
+FARMS_CELLS = ("cifar10-sub", "mnist1d", "mnist1d-10pct", "mnist1d-5pct", "mnist1d-10pct-wide", "mnist1d-10pct-mlp",
+               "mnist1d-10pct-deep", "mnist1d-20pct")
+for _name in FARMS_CELLS:
+    CELLS[_name].methods[FARMS_LABEL] = {"method": "tb", "esd": "farms"}
+    CELLS[_name].pairs += ((FARMS_LABEL, "tb"),)
+
 
 # --------------------------------------------------------------------------- running
 
@@ -381,6 +390,65 @@ def cell_report(out: Path, name: str) -> str:
     return "\n".join(lines)
 
 
+def _factor_rows(directory: Path) -> list[dict[str, Any]]:
+    """Per epoch of one run: {layer: (factor used in the epoch, alpha measured after it)}."""
+    path = directory / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [{layer: (rate / row["lr"], (row.get("alpha") or {}).get(layer)) for layer, rate in row["layer_lr"].items()}
+            for row in rows if row.get("layer_lr")]
+
+
+def factor_report(out: Path, name: str, labels: tuple[str, ...] = ("tb", FARMS_LABEL)) -> str:
+    """Markdown: each balanced layer's learning-rate factor (its rate / the global rate) under each of
+    ``labels``, mean over the epochs and the finished seeds, with its alpha after the first and the
+    last epoch (mean over seeds); then the mean factor of the layers with square and with rectangular
+    (per-position) matrices, and the mean factor over all balanced layers per epoch."""
+    cell = CELLS[name]
+    runs = {label: [_run_dir(out, name, label, seed) for seed in cell.seeds
+                    if _read_summary(_run_dir(out, name, label, seed)) is not None] for label in labels}
+    if not all(runs.values()):
+        return ""
+    from tempbalance.train.checkpoint import load_checkpoint
+
+    weights = load_checkpoint(runs[labels[0]][0])["model"]
+    per_label = {label: [_factor_rows(directory) for directory in dirs] for label, dirs in runs.items()}
+    layers = list(per_label[labels[0]][0][0])
+
+    def mean(values: list[float]) -> float:
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        return statistics.fmean(finite) if finite else math.nan
+
+    def layer_factor(label: str, layer: str) -> float:
+        return mean([epoch[layer][0] for run in per_label[label] for epoch in run if layer in epoch])
+
+    head = " | ".join(f"{label} factor | {label} alpha ep 1 → last" for label in labels)
+    lines = ["", f"Per-layer learning-rate factors in `{name}` (rate / global rate, mean over epochs and seeds "
+             f"{', '.join(f'{label}: {len(runs[label])}' for label in labels)}; alpha after the first and the last "
+             "epoch, mean over seeds):", "", f"| layer | weight | {head} |", "|---|---|" + "---|---|" * len(labels)]
+    square: dict[bool, list[str]] = {True: [], False: []}
+    for layer in layers:
+        shape = tuple(weights[f"{layer}.weight"].shape)
+        square[shape[0] == shape[1]].append(layer)
+        cells = []
+        for label in labels:
+            first = mean([run[0][layer][1] for run in per_label[label]])
+            last = mean([run[-1][layer][1] for run in per_label[label]])
+            cells.append(f"{layer_factor(label, layer):.3f} | {first:.2f} → {last:.2f}")
+        lines.append(f"| {layer} | {'x'.join(map(str, shape))} | " + " | ".join(cells) + " |")
+    for is_square, members in square.items():
+        if members:
+            cells = [text for label in labels for text in (f"{mean([layer_factor(label, m) for m in members]):.3f}", "")]
+            kind = "square" if is_square else "rectangular"
+            lines.append(f"| mean of the {len(members)} {kind} | | " + " | ".join(cells) + " |")
+    lines.append("")
+    for label in labels:
+        epochs = min(len(run) for run in per_label[label])
+        per_epoch = [mean([mean([f for f, _ in run[e].values()]) for run in per_label[label]]) for e in range(epochs)]
+        lines.append(f"Mean factor over the balanced layers per epoch, {label}: " + " ".join(f"{v:.3f}" for v in per_epoch))
+    lines.append("")
+    return "\n".join(lines)
+
+
 def report(out: Path, names: list[str]) -> str:
     """Markdown for the given cells with a header naming the date and machine."""
     header = [
@@ -389,7 +457,7 @@ def report(out: Path, names: list[str]) -> str:
         "s/run = median training time of one run (epochs only, without data loading), on a shared machine.",
         "",
     ]
-    return "\n".join(header + [cell_report(out, name) for name in names])
+    return "\n".join(header + [cell_report(out, name) + factor_report(out, name) for name in names])
 
 
 # --------------------------------------------------------------------------- CLI

@@ -9,9 +9,9 @@ load on a shared machine hits all alike); a timing is the best of ``--repeats`` 
 process CPU time (with one thread: the work done) and wall time.
 
 Models: ``resnet18-w0.25`` (the CIFAR-10 quality cell's model), ``resnet18`` (CIFAR ResNet18),
-``gpt2-block`` (one GPT-2-small block: 768x2304, 768x768, 3072x768, 768x3072),
-``llama-block`` (one Llama-7B decoder block: 4 x 4096x4096, 2 x 11008x4096, 4096x11008; slow
-with the plain ESD: minutes a round on one thread, 0.8 GB of weights).
+``gpt2-block`` (one GPT-2-small block, out x in: 2304x768, 768x768, 3072x768, 768x3072),
+``llama-block`` (one Llama-7B decoder block, out x in: 4 x 4096x4096, 2 x 11008x4096, 4096x11008; slow
+with the plain ESD: a few minutes a round on one thread, 0.8 GB of weights).
 
 Usage:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/farms_cost.py [--models ...] [--repeats 3]
         [--threads 1] [--device cpu] [--out FILE]
@@ -101,6 +101,12 @@ def bench_model(name: str, repeats: int, device: str = "cpu") -> list[dict]:
     return rows
 
 
+def _is_square(shape: str) -> bool:
+    """Whether a weight shape like ``"64x64x3x3"`` has square (per-position) matrices."""
+    out_ch, in_ch = shape.split("x")[:2]
+    return out_ch == in_ch
+
+
 def alpha_table(name: str) -> str:
     """Per balanced layer of ``name`` at initialisation: plain and FARMS alpha and TempBalance's factor
     (default rule: first/last layer out, eigs_thresh 50, linear map 0.5-1.5, float64 spectra)."""
@@ -113,13 +119,14 @@ def alpha_table(name: str) -> str:
         factors[esd] = {entry.layer: (entry.alpha, entry.factor) for entry in balancer.history[-1].layers}
     shapes = {ref.name: "x".join(map(str, ref.weight.shape)) for ref in find_layers(model, TYPES)}
     lines = [f"{name}, seed 0, at initialisation:", "",
-             "| layer | weight | plain alpha | plain factor | FARMS alpha | FARMS factor |", "|---|---|---|---|---|---|"]
+             "| layer | weight | plain alpha | plain factor | FARMS alpha | FARMS factor |",
+             "|---|---|---|---|---|---|"]
     for layer, (alpha, factor) in factors["full"].items():
         f_alpha, f_factor = factors["farms"][layer]
         lines.append(f"| {layer} | {shapes[layer]} | {alpha:.3f} | {factor:.3f} | {f_alpha:.3f} | {f_factor:.3f} |")
     for esd in ("full", "farms"):
         values = list(factors[esd].values())
-        square = [f for layer, (_, f) in factors[esd].items() if shapes[layer].split("x")[0] == shapes[layer].split("x")[1]]
+        square = [f for layer, (_, f) in factors[esd].items() if _is_square(shapes[layer])]
         lines.append(f"\n{esd}: alpha spread {max(a for a, _ in values) - min(a for a, _ in values):.3f}, mean factor "
                      f"{sum(f for _, f in values) / len(values):.3f}, mean factor of the {len(square)} square "
                      f"layers {sum(square) / len(square):.3f}")

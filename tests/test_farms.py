@@ -22,6 +22,7 @@ from tempbalance.train import TrainConfig, run_training
 from tempbalance.train.checkpoint import load_checkpoint
 from tempbalance.train.models import create_model
 from tempbalance.train.report import collect_runs, method_label, summarize
+from tempbalance.train.sweep import expand_sweep
 
 
 # ----------------------------------------------------------------- independent re-derivation
@@ -75,7 +76,8 @@ def spiked(rows: int, cols: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g, dtype=torch.float64)
     for _ in range(3):
-        w += 3 * torch.randn(rows, 1, generator=g, dtype=torch.float64) @ torch.randn(1, cols, generator=g, dtype=torch.float64)
+        u = torch.randn(rows, 1, generator=g, dtype=torch.float64)
+        w += 3 * u @ torch.randn(1, cols, generator=g, dtype=torch.float64)
     return w / math.sqrt(cols)
 
 
@@ -115,8 +117,9 @@ def test_linear_windows_match_float64_reference(shape, options):
     weight = spiked(*shape, seed=sum(shape))
     layer = linear_with(weight)
     record = tb.analyze(layer, esd="farms", precision="float64", keep_eigenvalues=True, **options)[0]
-    ref_options = {"r": options.get("window_rows", 100), "q": options.get("window_q", 2.0), "k": options.get("windows_per_dim", 10)}
-    eigs = reference_linear_eigs(weight.numpy(), **ref_options)
+    eigs = reference_linear_eigs(
+        weight.numpy(), options.get("window_rows", 100), options.get("window_q", 2.0), options.get("windows_per_dim", 10)
+    )
     assert record.num_eigs == eigs.size
     np.testing.assert_allclose(record.eigenvalues, eigs, rtol=1e-9, atol=1e-12 * eigs[-1])
     assert record.alpha == pytest.approx(reference_median_alpha(eigs), rel=1e-9)
@@ -312,8 +315,9 @@ def test_cli_analyze_esd_flags(capsys):
 
 
 def test_report_tells_tb_from_tb_farms(tmp_path):
-    for method, esd, accs in [("cal", "full", (60.0, 62.0)), ("tb", "full", (59.0, 60.0)), ("tb", "farms", (61.0, 65.0)),
-                              ("cal", "farms", (60.0, 62.0))]:
+    runs = [("cal", "full", (60.0, 62.0)), ("tb", "full", (59.0, 60.0)), ("tb", "farms", (61.0, 65.0)),
+            ("cal", "farms", (60.0, 62.0))]
+    for method, esd, accs in runs:
         for seed, acc in enumerate(accs):
             directory = tmp_path / f"{method}-{esd}" / f"seed{seed}"
             directory.mkdir(parents=True)
@@ -327,3 +331,11 @@ def test_report_tells_tb_from_tb_farms(tmp_path):
     assert rows["tb"]["diff_vs_cal_mean"] == pytest.approx(-1.5)
     assert method_label({"method": "tb+snr", "esd": "farms"}) == "tb+snr[esd=farms]"
     assert method_label({"method": "tb"}) == "tb"  # config.json written before the field existed
+
+
+def test_sweep_files_take_esd():
+    spec = {"name": "x", "base": {"dataset": "mnist1d", "epochs": 1}, "methods": {"cal": {}, "tb": {"esd": "farms"}}}
+    runs = expand_sweep(spec, out="unused")
+    assert {(run.method, run.config.esd) for run in runs} == {("cal", "full"), ("tb", "farms")}
+    with pytest.raises(ConfigError, match="unknown esd 'farm'"):
+        expand_sweep(spec, ["esd=farm"], out="unused")

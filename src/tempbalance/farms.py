@@ -71,7 +71,9 @@ def window_offsets(size: int, window: int, count: int) -> tuple[int, list[int]]:
     return window, [min(i * step, slack) for i in range(number)]
 
 
-def matrix_windows(stack: torch.Tensor, window_rows: int = 100, window_q: float = 2.0, windows_per_dim: int = 10) -> torch.Tensor:
+def matrix_windows(
+    stack: torch.Tensor, window_rows: int = 100, window_q: float = 2.0, windows_per_dim: int = 10
+) -> torch.Tensor:
     """The FARMS windows of each matrix of a stack, as stored (rows = out, columns = in).
 
     Windows are ``window_rows x int(window_rows * window_q)``, placed along each side by

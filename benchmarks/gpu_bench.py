@@ -485,8 +485,8 @@ def cmd_train(args) -> int:
         checkpoint_times.append(time.perf_counter() - t)
         return out
 
-    loop.save_checkpoint = timed_save
     graphs: list[float] = []
+    real_compile = torch.compile
     if args.compile:
         import torch._dynamo
 
@@ -498,13 +498,16 @@ def cmd_train(args) -> int:
             graphs.append(time.perf_counter() - t)
             return compiled
 
-        real_compile = torch.compile
         torch.compile = lambda model, **kwargs: real_compile(model, backend=counting, **kwargs)
     config = TrainConfig(dataset="cifar10", model="resnet18", width=args.width, method=args.method,
                          epochs=args.epochs, lr=args.lr, weight_decay=args.wd, seed=args.seed,
                          batch_size=args.batch, eval_batch_size=args.eval_batch, data_dir=args.data_dir,
                          out=args.out, progress=False, deterministic=False, tag=args.tag, compile=args.compile)
-    summary = run_training(config)
+    loop.save_checkpoint = timed_save
+    try:
+        summary = run_training(config)
+    finally:  # the instrumentation ends with the run
+        loop.save_checkpoint, torch.compile = real_save, real_compile
     wall = time.time() - args.started if args.started else float("nan")
     with open(os.path.join(args.out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]

@@ -290,3 +290,13 @@ def test_working_tensorboard_gets_every_scalar(monkeypatch, tmp_path, caplog):
         writer.write([{"epoch": 1, "lr": 0.1, "test_acc": 40.0}])
         writer.close()
     assert _Writer.calls == ["lr", "test_acc"] and not caplog.records
+
+
+def test_bench_train_leaves_torch_and_the_loop_as_they_were(gpu_bench, tmp_path):
+    from tempbalance.train import loop
+
+    before = torch.compile, loop.save_checkpoint
+    with pytest.raises(Exception):
+        gpu_bench.main(["train", "--data-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "run"),
+                        "--json", str(tmp_path / "run.json"), "--compile", "--compile-backend", "eager"])
+    assert (torch.compile, loop.save_checkpoint) == before

@@ -214,6 +214,21 @@ def test_alphas_do_not_depend_on_the_float32_matmul_setting(user_precision, kind
         assert np.array_equal(a.eigenvalues, b.eigenvalues), a.name
 
 
+def test_scheduler_rates_do_not_depend_on_the_float32_matmul_setting(user_precision):
+    import tempbalance
+
+    def rates(lowered: bool) -> tuple[dict, list]:
+        model = _wide_model()
+        optimizer = torch.optim.SGD(tempbalance.param_groups(model), lr=0.1)
+        if lowered:
+            _lowered("medium")
+        balancer = tempbalance.TempBalance(model, optimizer, precision="float32")
+        balancer.rebalance()
+        return dict(balancer.factors), [group["lr"] for group in optimizer.param_groups]
+
+    assert rates(False) == rates(True)
+
+
 def test_lowered_setting_really_changes_float32_products_here(user_precision):
     """Why the test above can fail: on a CPU with bf16 matrix units (AMX / AVX512-BF16) "medium"
     changes a float32 product of this size. Elsewhere this is skipped and the flag test below

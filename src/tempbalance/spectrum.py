@@ -2,18 +2,126 @@
 
 lambda = sigma^2 of each matrix, computed as the eigenvalues of the Gram matrix of its
 smaller side (``eigvalsh``), with matrices of one shape from all layers solved in one call.
+The products run in full float32 precision whatever the user's TF32 / bf16 matmul setting,
+and a batch the eigensolver fails on is solved again on the CPU in float64.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections import defaultdict
-from typing import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["PRECISIONS", "compute_dtype", "gram_eigenvalues", "gram_lower_", "iter_pooled_spectra", "pooled_spectra"]
+__all__ = [
+    "PRECISIONS",
+    "compute_dtype",
+    "full_float32_precision",
+    "gram_eigenvalues",
+    "gram_lower_",
+    "iter_pooled_spectra",
+    "pooled_spectra",
+]
+
+logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "float32", "float64")
+
+_forced_lock = threading.Lock()
+_forced: dict[str, list[Any]] = {}  # flag -> [depth, the user's value], while forced
+_fallback_logged = False
+
+
+def _per_backend_flags() -> bool:
+    """torch >= 2.9: one float32 precision setting per backend (``torch.backends.*.fp32_precision``)."""
+    return hasattr(torch.backends.mkldnn, "matmul")
+
+
+def _matmul_flag(device_type: str) -> tuple[str, Callable[[], Any], Callable[[Any], None], Any] | None:
+    """``(name, get, set, full-precision value)`` of the flag that lets float32 matmuls on
+    ``device_type`` run in lower precision (TF32 on CUDA, bf16 on oneDNN CPUs), or None."""
+    backends = torch.backends
+    if _per_backend_flags():
+        owner = {"cuda": backends.cuda.matmul, "cpu": backends.mkldnn.matmul}.get(device_type)
+        if owner is None:
+            return None
+        return (
+            device_type,
+            lambda: owner.fp32_precision,
+            lambda value: setattr(owner, "fp32_precision", value),
+            "ieee",
+        )
+
+    # torch < 2.9: one flag; cuda.matmul.allow_tf32 reads and writes the same setting
+    return "legacy", torch.get_float32_matmul_precision, torch.set_float32_matmul_precision, "highest"
+
+
+@contextmanager
+def full_float32_precision(device: str | torch.device) -> Iterator[None]:
+    """Run float32 matrix products on ``device`` in full float32 precision inside the block.
+
+    Sets the flag that ``torch.set_float32_matmul_precision`` / ``torch.backends.cuda.matmul.allow_tf32``
+    (CUDA) or oneDNN's bf16 mode (CPU) control, and restores the user's value on exit, also when
+    the block raises. Safe from several threads (the first to enter saves the user's value, the
+    last to leave restores it); the flag is process-wide, so other threads' float32 matmuls on that
+    device run in full precision meanwhile. Convolution flags (``cudnn.allow_tf32``) are left alone:
+    no convolution runs here.
+    """
+    flag = _matmul_flag(torch.device(device).type)
+    if flag is None:
+        yield
+        return
+    name, get, set_, full = flag
+    with _forced_lock:
+        state = _forced.get(name)
+        if state is None:
+            _forced[name] = [1, get()]
+            set_(full)
+        else:
+            state[0] += 1
+    try:
+        yield
+    finally:
+        with _forced_lock:
+            state = _forced[name]
+            state[0] -= 1
+            if state[0] == 0:
+                del _forced[name]
+                set_(state[1])
+
+
+def _is_solver_failure(error: BaseException) -> bool:
+    """A failed eigensolve (no convergence, a cuSOLVER / MAGMA status), not a memory or device error."""
+    if isinstance(error, torch.linalg.LinAlgError):
+        return True
+    if not isinstance(error, RuntimeError) or isinstance(error, torch.cuda.OutOfMemoryError):
+        return False
+    text = str(error).lower()
+    return any(word in text for word in ("cusolver", "magma", "syev", "converge"))
+
+
+def _eigvalsh_or_cpu_float64(gram: torch.Tensor, rebuild: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``eigvalsh(gram)``; if the solver fails, ``eigvalsh(rebuild())`` where ``rebuild`` gives the
+    same Gram matrices in float64 on the CPU (logged once per process at warning level)."""
+    global _fallback_logged
+    try:
+        return torch.linalg.eigvalsh(gram)
+    except RuntimeError as error:
+        if not _is_solver_failure(error):
+            raise
+        level = logging.DEBUG if _fallback_logged else logging.WARNING
+        _fallback_logged = True
+        logger.log(
+            level,
+            "eigvalsh failed on %d %dx%d %s Gram matrices on %s (%s); solved again on the CPU in float64"
+            " (later failures are logged at debug level)",
+            gram.shape[0], gram.shape[1], gram.shape[2], str(gram.dtype).replace("torch.", ""), gram.device,
+            str(error).splitlines()[0] if str(error) else type(error).__name__,
+        )
+    return torch.linalg.eigvalsh(rebuild())
 
 
 def compute_dtype(weight_dtype: torch.dtype, precision: str = "auto") -> torch.dtype:
@@ -67,15 +175,24 @@ def gram_eigenvalues(matrices: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(batch, min(m, n))`` eigenvalues of the smaller Gram matrix, ascending, in the
-        input's dtype and device, with round-off negatives clamped to 0.
+        input's dtype and device, with round-off negatives clamped to 0. Full float32
+        precision (:func:`full_float32_precision`); solved on the CPU in float64 if the
+        eigensolver fails.
     """
     if matrices.dim() != 3:
         raise ValueError(f"expected a (batch, m, n) stack, got shape {tuple(matrices.shape)}")
     if matrices.shape[1] > matrices.shape[2]:
         matrices = matrices.transpose(1, 2)
-    side = matrices.shape[1]
-    gram = gram_lower_(matrices, torch.empty(matrices.shape[0], side, side, dtype=matrices.dtype, device=matrices.device))
-    return torch.linalg.eigvalsh(gram).clamp_(min=0)
+    batch, side = matrices.shape[:2]
+
+    def rebuild() -> torch.Tensor:
+        cpu = matrices.detach().to("cpu", torch.float64)
+        return gram_lower_(cpu, torch.empty(batch, side, side, dtype=torch.float64))
+
+    with full_float32_precision(matrices.device):
+        gram = gram_lower_(matrices, torch.empty(batch, side, side, dtype=matrices.dtype, device=matrices.device))
+        eigs = _eigvalsh_or_cpu_float64(gram, rebuild)
+    return eigs.to(matrices.device, matrices.dtype).clamp_(min=0)
 
 
 @torch.no_grad()
@@ -87,8 +204,10 @@ def iter_pooled_spectra(
 
     The Gram matrices of a bucket (lower triangles, see :func:`gram_lower_`) are written
     straight into one preallocated batch (no copy of the weights) and solved with one
-    ``eigvalsh`` call. A stack with a NaN or inf entry
-    (seen on the Gram diagonal, ``sum_j w_ij^2``) gets ``None`` instead of a spectrum.
+    ``eigvalsh`` call, in full float32 precision (:func:`full_float32_precision`). A stack with
+    a NaN or inf entry (seen on the Gram diagonal, ``sum_j w_ij^2``) gets ``None`` instead of a
+    spectrum. If the eigensolver fails on a bucket, that bucket's Gram matrices are rebuilt and
+    solved on the CPU in float64 (a warning the first time), and its spectra are those values.
     """
     buckets: dict[tuple, list[tuple[int, torch.Tensor]]] = defaultdict(list)
     for index, stack in enumerate(stacks):
@@ -102,17 +221,29 @@ def iter_pooled_spectra(
         buckets[key].append((index, mats))
 
     for (side, _, dtype, device), members in buckets.items():
-        gram = torch.empty(sum(m.shape[0] for _, m in members), side, side, dtype=dtype, device=device)
-        start = 0
-        for _, mats in members:
-            mats = mats.to(dtype)
-            gram_lower_(mats, gram[start : start + mats.shape[0]])
-            start += mats.shape[0]
-        finite = torch.isfinite(torch.diagonal(gram, dim1=1, dim2=2)).all(dim=1)
-        all_finite = bool(finite.all())
-        if not all_finite:
-            gram[~finite] = 0  # solvable placeholder; those stacks report None
-        eigs = torch.linalg.eigvalsh(gram).clamp_(min=0)
+        total = sum(m.shape[0] for _, m in members)
+
+        def build(on: torch.device, as_dtype: torch.dtype) -> torch.Tensor:
+            gram = torch.empty(total, side, side, dtype=as_dtype, device=on)
+            start = 0
+            for _, mats in members:
+                gram_lower_(mats.to(on, as_dtype), gram[start : start + mats.shape[0]])
+                start += mats.shape[0]
+            return gram
+
+        with full_float32_precision(device):
+            gram = build(device, dtype)
+            finite = torch.isfinite(torch.diagonal(gram, dim1=1, dim2=2)).all(dim=1)
+            all_finite = bool(finite.all())
+            if not all_finite:
+                gram[~finite] = 0  # solvable placeholder; those stacks report None
+
+            def rebuild() -> torch.Tensor:
+                again = build(torch.device("cpu"), torch.float64)
+                again[~finite.cpu()] = 0
+                return again
+
+            eigs = _eigvalsh_or_cpu_float64(gram, rebuild).to(device).clamp_(min=0)
         del gram
         finite_list = finite.tolist() if not all_finite else None
         indices, spectra = [], []

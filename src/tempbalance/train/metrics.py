@@ -5,6 +5,7 @@ Rows are plain dicts; per-layer values sit in nested ``alpha`` / ``layer_lr`` di
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -49,7 +50,21 @@ class MetricsWriter:
         except ImportError:
             log.debug("tensorboard is not installed; metrics go to metrics.jsonl and metrics.csv only")
             return None
-        return SummaryWriter(str(self.directory / "tensorboard"))
+        except Exception as error:  # noqa: BLE001 - a broken install (protobuf, numpy) must not stop training
+            return self._tensorboard_failed("importing", error)
+        try:
+            return SummaryWriter(str(self.directory / "tensorboard"))
+        except Exception as error:  # noqa: BLE001
+            return self._tensorboard_failed("opening", error)
+
+    def _tensorboard_failed(self, doing: str, error: Exception) -> None:
+        """Disable TensorBoard for this run with one warning (the JSONL and CSV files go on)."""
+        log.warning("TensorBoard disabled: %s it failed (%s: %s); metrics go to metrics.jsonl and metrics.csv only",
+                    doing, type(error).__name__, error)
+        writer, self._tb = getattr(self, "_tb", None), None
+        if writer is not None and doing != "closing":
+            with contextlib.suppress(Exception):
+                writer.close()
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         """Rewrite ``metrics.jsonl`` and ``metrics.csv`` from ``rows``; log the last to TensorBoard."""
@@ -64,16 +79,22 @@ class MetricsWriter:
         writer.writerows(flat)
         write_text_atomic(self.directory / "metrics.csv", table.getvalue())
         if self._tb is not None and rows:
-            last = flatten_row(rows[-1])
-            for key, value in last.items():
-                if isinstance(value, (int, float)) and key != "epoch":
-                    self._tb.add_scalar(key, value, global_step=int(rows[-1]["epoch"]))
-            self._tb.flush()
+            try:
+                last = flatten_row(rows[-1])
+                for key, value in last.items():
+                    if isinstance(value, (int, float)) and key != "epoch":
+                        self._tb.add_scalar(key, value, global_step=int(rows[-1]["epoch"]))
+                self._tb.flush()
+            except Exception as error:  # noqa: BLE001 - a full disk or a broken writer must not stop training
+                self._tensorboard_failed("writing", error)
 
     def close(self) -> None:
         """Close the TensorBoard writer, if any."""
         if self._tb is not None:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except Exception as error:  # noqa: BLE001
+                self._tensorboard_failed("closing", error)
 
 
 def read_metrics(directory: str | os.PathLike) -> list[dict[str, Any]]:

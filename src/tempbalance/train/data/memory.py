@@ -104,7 +104,8 @@ class InMemoryDataset:
         batches = shard_batches(order, batch_size, rank=rank, world_size=world_size, drop_last=drop_last)
         raw = ((self.x_train[index], self.y_train[index]) for index in batches)
         yield from augmented_batches(
-            raw, self.info, self._mean, self._std, augment=augment, seed=seed, epoch=epoch, rank=rank
+            raw, self.info, self._mean, self._std, augment=augment, seed=seed, epoch=epoch, rank=rank,
+            batch_sizes=[int(index.numel()) for index in batches],
         )
 
     def test_batches(self, batch_size: int, *, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:

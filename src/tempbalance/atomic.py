@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import math
 import os
 import secrets
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import IO, Any, Callable, Iterator, Union
 
 from .errors import TempBalanceError
 
-__all__ = ["WriteError", "write_atomic", "atomic_path", "temporaries", "remove_temporaries"]
+__all__ = ["WriteError", "write_atomic", "write_json", "json_safe", "atomic_path", "temporaries", "remove_temporaries"]
 
 Content = Union[bytes, str, Callable[[IO[bytes]], Any]]
 _FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
@@ -194,3 +196,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _fail(path, tmp, exc)
         raise
     _fsync_dir(path.parent)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (also inside dicts, lists and tuples) replaced by None,
+    tuples by lists: what strict JSON can hold (``NaN`` and ``Infinity`` are not JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def write_json(path: str | os.PathLike, value: Any, *, indent: int | None = 2) -> Path:
+    """Write ``value`` as strict JSON (non-finite numbers as ``null``, see :func:`json_safe`) with a
+    final newline, atomically (:func:`write_atomic`)."""
+    return write_atomic(path, json.dumps(json_safe(value), indent=indent, allow_nan=False) + "\n")

@@ -31,9 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def sweep_spelling(name: str, value: Any) -> str:
-    """How errors under ``tempbalance sweep`` name a setting: ``--set data_dir=DIR``, ``--rerun-stale``."""
-    if name == "rerun_stale":
+    """How errors under ``tempbalance sweep`` name a setting: ``--set data_dir=DIR``; starting a
+    run over is ``--rerun-stale``, continuing one is running the same command again."""
+    if name in ("rerun_stale", "overwrite"):
         return "--rerun-stale"
+    if name == "resume":
+        return "the same sweep command again"
     text = ("true" if value else "false") if isinstance(value, bool) else str(value)
     return f"--set {name}={text}"
 

@@ -29,7 +29,6 @@ __all__ = [
     "read_newest_checkpoint",
     "checkpoint_epoch",
     "peek_checkpoint",
-    "write_text_atomic",
     "rng_state",
     "set_rng_state",
 ]
@@ -44,11 +43,6 @@ REQUIRED_KEYS = ("epoch", "config", "model", "optimizer", "scheduler", "rng", "m
 
 class CheckpointError(TempBalanceError):
     """No readable checkpoint: the message names the files tried and why they failed."""
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically (see :func:`tempbalance.atomic.write_atomic`)."""
-    write_atomic(path, text)
 
 
 def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike, *, keep_previous: bool = True) -> Path:

@@ -176,23 +176,16 @@ class TrainConfig:
         """All fields as plain values (what ``config.json`` holds)."""
         return dataclasses.asdict(self)
 
-    def differences(self, recorded: dict[str, Any], fields: frozenset[str] | None = None) -> list[str]:
-        """``"name: recorded -> now"`` for each field that differs from a run's ``recorded`` settings.
-
-        Args:
-            recorded: a saved config (a field it lacks had its default when the run was saved).
-            fields: the fields to compare; default: every field outside :data:`RESULT_NEUTRAL_FIELDS`
-                (those that define the experiment).
-        """
-        names = [name for name in self.field_names() if name not in RESULT_NEUTRAL_FIELDS] if fields is None else [
-            name for name in self.field_names() if name in fields
-        ]
+    def differences(self, recorded: dict[str, Any]) -> list[str]:
+        """``"name: recorded -> now"`` for each field that defines the experiment (every field
+        outside :data:`RESULT_NEUTRAL_FIELDS`) and differs from a run's ``recorded`` settings; a
+        field ``recorded`` lacks had its default when the run was saved."""
         defaults = TrainConfig().to_dict()
         current = self.to_dict()
         return [
             f"{name}: {recorded.get(name, defaults[name])!r} -> {current[name]!r}"
-            for name in names
-            if recorded.get(name, defaults[name]) != current[name]
+            for name in self.field_names()
+            if name not in RESULT_NEUTRAL_FIELDS and recorded.get(name, defaults[name]) != current[name]
         ]
 
     def validate(self) -> "TrainConfig":
@@ -206,6 +199,13 @@ class TrainConfig:
 
         self.out = None if self.out is None else os.fspath(self.out)
         self.data_dir = None if self.data_dir is None else os.fspath(self.data_dir)
+        for name in _fields_typed("bool"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
+        for name in _fields_typed("str", "str | None"):
+            value = getattr(self, name)
+            if not (isinstance(value, str) or (value is None and "None" in _field_type(name))):
+                raise ConfigError(f"{name}={value!r} must be a string")
         datasets = data.DATASETS
         if self.dataset not in datasets:
             raise ConfigError(f"unknown dataset {self.dataset!r}; accepted: {', '.join(sorted(datasets))}")
@@ -257,9 +257,6 @@ class TrainConfig:
                 f"data_dir {self.data_dir!r} does not exist or is not a directory "
                 f"(with {spell('download')} it is created and the data set fetched into it)"
             )
-        for name in _bool_fields():
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
         if self.resume and self.out is None:
             raise ConfigError(f"{spell('resume')} needs an output directory ({spell('out', Placeholder('DIR'))}) holding the run")
         if self.resume and self.overwrite:
@@ -280,9 +277,15 @@ def parse_value(text: str) -> Any:
         return text.strip()
 
 
-def _bool_fields() -> list[str]:
-    """The fields declared ``bool``."""
-    return [f.name for f in dataclasses.fields(TrainConfig) if f.type in ("bool", bool)]
+def _field_type(name: str) -> str:
+    """The annotation of field ``name`` as written (``"int | None"``)."""
+    (declared,) = [f.type for f in dataclasses.fields(TrainConfig) if f.name == name]
+    return declared if isinstance(declared, str) else getattr(declared, "__name__", str(declared))
+
+
+def _fields_typed(*annotations: str) -> list[str]:
+    """The fields declared with one of ``annotations`` (as written, e.g. ``"bool"``)."""
+    return [f.name for f in dataclasses.fields(TrainConfig) if _field_type(f.name) in annotations]
 
 
 _MARKUP = re.compile(r"``([^`]*)``|:\w+:`~?([^`]*)`")

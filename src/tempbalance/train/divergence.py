@@ -27,13 +27,20 @@ class DivergenceError(TempBalanceError):
 
 
 def non_finite_tensors(model: nn.Module) -> list[str]:
-    """Names of the parameters and buffers of ``model`` holding a NaN or an infinity (one device
-    synchronisation for the whole model)."""
-    named = [(name, t) for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()]
+    """Names of the parameters and buffers of ``model`` holding a NaN or an infinity.
+
+    One pass of sums (a NaN or an infinity makes a tensor's sum non-finite) and one device
+    synchronisation for the whole model; only a tensor whose sum is not finite is then checked
+    element by element (a huge but finite tensor can overflow its sum: it is not reported).
+    """
+    named = [(name, t.detach()) for name, t in [*model.named_parameters(), *model.named_buffers()]
+             if t.is_floating_point() and t.numel()]
     if not named:
         return []
-    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).cpu().tolist()
-    return [name for (name, _), ok in zip(named, finite) if not ok]
+    sums = torch.stack([t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double()
+                        for _, t in named])
+    suspects = torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
+    return [named[i][0] for i in suspects if not bool(torch.isfinite(named[i][1]).all())]
 
 
 def _names(names: list[str], shown: int = 3) -> str:

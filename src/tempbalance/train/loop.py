@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..atomic import write_atomic
+from ..atomic import write_json
 from ..errors import ConfigError, TempBalanceError, spell
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .config import NUMERICS_FIELDS, TrainConfig
@@ -29,7 +29,7 @@ from .devices import resolve_device
 from .distributed_run import DistContext, StopVote, detect_launch, distributed_context, rank_seed, summed, wrap_model
 from .divergence import DivergenceError, LossWatch, check_epoch
 from .methods import MethodParts, balanced_rates, build_method, global_lr
-from .metrics import MetricsWriter, finite_or_none
+from .metrics import MetricsWriter
 from .resume import OpenedRun, open_run
 from .rundir import CONFIG_NAME, SUMMARY_NAME
 
@@ -371,7 +371,7 @@ def _restore_rng(state: dict[str, Any], ctx: DistContext) -> None:
         _seed_everything(rank_seed(int(state["config"]["seed"]) + int(state["epoch"]), ctx.rank))
 
 
-def _write_config(out: Path, config: TrainConfig, device: torch.device, ctx: DistContext, dataset: Any,
+def _write_config(out: Path, settings: dict[str, Any], device: torch.device, ctx: DistContext, dataset: Any,
                   opened: OpenedRun, start: int) -> None:
     """``config.json``: every resolved setting and the environment. A resumed run keeps the file's
     original values and appends what this continuation ran with under ``resumed``."""
@@ -394,13 +394,13 @@ def _write_config(out: Path, config: TrainConfig, device: torch.device, ctx: Dis
         if opened.changed:
             continuation["changed"] = opened.changed
         written.setdefault("resumed", []).append(continuation)
-        write_atomic(path, json.dumps(written, indent=2) + "\n")
+        write_json(path, written)
         return
-    resolved = dict(opened.recorded or config.to_dict(), device=str(device), model=config.model)
+    resolved = dict(settings, device=str(device))
     resolved["world_size"] = ctx.world_size
-    resolved["global_batch_size"] = config.batch_size * ctx.world_size
+    resolved["global_batch_size"] = settings["batch_size"] * ctx.world_size
     resolved["environment"] = environment
-    write_atomic(path, json.dumps(resolved, indent=2) + "\n")
+    write_json(path, resolved)
 
 
 def _train(
@@ -483,7 +483,7 @@ def _train(
     if out is not None:
 
         def prepare() -> Any:
-            _write_config(out, config, device, ctx, dataset, opened, start)
+            _write_config(out, saved_config, device, ctx, dataset, opened, start)
             made = MetricsWriter(out)
             if state is not None:
                 made.write(rows)  # the checkpoint's rows: repairs metrics that are behind or damaged
@@ -555,7 +555,7 @@ def _train(
                 "interrupted by %s during epoch %d%s", signal.Signals(stop.agreed).name, len(rows) + 1, where
             )
     elif status == "finished" and out is not None and ctx.is_main:
-        write_atomic(out / SUMMARY_NAME, json.dumps(finite_or_none(summary), indent=2, allow_nan=False) + "\n")
+        write_json(out / SUMMARY_NAME, summary)
     log.debug(summary_line(summary))
     return summary
 

@@ -10,16 +10,15 @@ import csv
 import io
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
 
-from ..atomic import write_atomic
+from ..atomic import json_safe, write_atomic
 from ..errors import TempBalanceError
 from .rundir import METRICS_CSV_NAME, METRICS_NAME, TENSORBOARD_DIR
 
-__all__ = ["MetricsWriter", "MetricsError", "read_metrics", "flatten_row", "finite_or_none", "REQUIRED_COLUMNS"]
+__all__ = ["MetricsWriter", "MetricsError", "read_metrics", "flatten_row", "REQUIRED_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +29,6 @@ REQUIRED_COLUMNS = ("epoch", "test_acc")
 
 class MetricsError(TempBalanceError):
     """A ``metrics.jsonl`` that cannot be read: the message names the file, the line and why."""
-
-
-def finite_or_none(value: Any) -> Any:
-    """``value`` with every non-finite float (also inside dicts and lists) replaced by None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(item) for item in value]
-    return value
 
 
 def flatten_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +66,7 @@ class MetricsWriter:
         Raises:
             WriteError: a file could not be written (e.g. the disk is full); it names the file.
         """
-        clean = [finite_or_none(row) for row in rows]
+        clean = [json_safe(row) for row in rows]
         text = "".join(json.dumps(row, allow_nan=False) + "\n" for row in clean)
         write_atomic(self.directory / METRICS_NAME, text)
         flat = [flatten_row(row) for row in clean]

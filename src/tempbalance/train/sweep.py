@@ -273,7 +273,7 @@ def run_sweep(runs: list[SweepRun], *, rerun_stale: bool = False) -> list[dict[s
                 log.warning("%s: stale, skipped: %s", where, reason)
                 summaries.append(_record(run, "stale", reason=reason))
                 continue
-            log.info("%s: stale (%s): training it again from the start", where, reason)
+            log.info("%s: stale: %s; training it again from the start", where, reason)
             config = dataclasses.replace(config, resume=False, overwrite=True)
         else:
             log.info("%s: %s", where, "resuming" if status == "partial" else "starting")

@@ -54,3 +54,19 @@ def test_a_killed_holder_leaves_a_stale_lock_file_that_is_taken_over(tmp_path, c
     with caplog.at_level(logging.INFO), RunLock(tmp_path):
         assert f"pid {os.getpid()}" in (tmp_path / LOCK_NAME).read_text()
     assert f"stale lock file (pid {proc.pid}" in caplog.text
+
+
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+
+    from tempbalance.train import runlock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runlock.fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING):
+        lock = RunLock(tmp_path).acquire()
+    assert not lock.held and "file locks are not supported here" in caplog.text
+    assert lock_holder(tmp_path) is None
+    lock.release()

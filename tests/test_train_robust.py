@@ -180,6 +180,12 @@ def test_a_loss_growing_by_orders_of_magnitude_warns_once(tmp_path, caplog):
     assert json.loads((tmp_path / "lr30" / "summary.json").read_text())["warnings"] == warnings
     quiet = run_training(tiny(tmp_path / "fine"))  # a healthy run does not warn
     assert "warnings" not in quiet
+    run_training(tiny(tmp_path / "parts", lr=30.0, stop_after=1))  # warned in epoch 1 ...
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        resumed = run_training(tiny(tmp_path / "parts", lr=30.0, resume=True))
+    assert resumed["warnings"] == warnings  # ... kept across the resume, not given again
+    assert "orders of magnitude" not in caplog.text
 
 
 def test_metrics_are_strict_json_and_read_back(tmp_path):

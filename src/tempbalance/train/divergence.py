@@ -48,12 +48,15 @@ def _names(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + more
 
 
-def check_epoch(epoch: int, losses: dict[str, float], model: nn.Module, *, lr: float, method: str, kept: str) -> None:
+def check_epoch(
+    epoch: int, losses: dict[str, float], model: nn.Module, *, lr: float, method: str, kept: str | None
+) -> None:
     """Raise :class:`DivergenceError` when a loss of ``epoch`` (1-based) or a weight is not finite.
 
     Args:
         losses: e.g. ``{"train loss": 2.3, "test loss": nan}``.
-        kept: what stays resumable, for the message (e.g. "the checkpoint of epoch 2 in runs/x").
+        kept: what stays resumable, for the message (e.g. "the checkpoint of epoch 2 in runs/x"),
+            None for a run without files.
     """
     bad = [f"{name} {value}" for name, value in losses.items() if not math.isfinite(value)]
     tensors = non_finite_tensors(model)
@@ -62,8 +65,8 @@ def check_epoch(epoch: int, losses: dict[str, float], model: nn.Module, *, lr: f
     if bad:
         raise DivergenceError(
             f"training diverged in epoch {epoch}: {'; '.join(bad)} (method {method}, {spell('lr', lr)}); "
-            f"nothing of epoch {epoch} was saved, {kept} stays the last one; lower the learning rate and start "
-            f"over ({spell('overwrite')})"
+            + (f"nothing of epoch {epoch} was saved, {kept} stays the last one; " if kept else "")
+            + f"lower the learning rate and start over ({spell('overwrite')})"
         )
 
 
@@ -73,13 +76,14 @@ class LossWatch:
     Args:
         num_classes: the chance-level loss is ``ln(num_classes)`` (a uniform guess).
         earlier: training losses of epochs already done (a resumed run).
+        warned: the warning an earlier part of the run gave (then no other is given).
     """
 
-    def __init__(self, num_classes: int, earlier: Iterable[float] = ()) -> None:
+    def __init__(self, num_classes: int, earlier: Iterable[float] = (), warned: str | None = None) -> None:
         self.chance = math.log(max(int(num_classes), 2))
         finite = [value for value in earlier if isinstance(value, (int, float)) and math.isfinite(value)]
         self.lowest = min(finite) if finite else math.inf
-        self.warned: str | None = None
+        self.warned = warned
 
     def observe(self, epoch: int, loss: float, lr: float) -> str | None:
         """Record ``epoch``'s training loss; return (and log) the warning the first time it is due."""

@@ -448,6 +448,7 @@ def _train(
     saved_config = dict(config.to_dict(), **{k: v for k, v in (opened.recorded or {}).items() if k in NUMERICS_FIELDS})
     environment = opened.environment or {"threads": torch.get_num_threads(), "device": str(device)}
     keep_previous = [opened.keep_previous]
+    warnings: list[str] = list(state.get("warnings") or []) if state is not None else []  # kept across resumes
     writer = None
 
     def save(epoch: int) -> None:
@@ -470,6 +471,7 @@ def _train(
                     "rng_per_rank": rngs if ctx.enabled else None,
                     "world_size": ctx.world_size,
                     "metrics": rows,
+                    "warnings": warnings,
                 },
                 out,
                 keep_previous=keep_previous[0],
@@ -496,8 +498,7 @@ def _train(
     per_epoch = dataset.len_train_batches(config.batch_size, ctx.world_size)
     status = "finished" if end == config.epochs else "stopped"
     desc = f"{config.method} {config.dataset}/{config.model} seed {config.seed}"
-    watch = LossWatch(dataset.info.num_classes, [row.get("train_loss") for row in rows])
-    warnings: list[str] = []
+    watch = LossWatch(dataset.info.num_classes, [row.get("train_loss") for row in rows], next(iter(warnings), None))
     try:
         with _progress_bar(per_epoch * max(0, end - start), config.progress and ctx.is_main, desc) as bar:
             for epoch in range(start, end):
@@ -512,7 +513,7 @@ def _train(
                     break
                 train_loss, train_acc = trained
                 rates = balanced_rates(parts.optimizer)  # as the epoch ended (an async rebalance lands mid-epoch)
-                kept = f"the checkpoint of epoch {epoch} in {out}" if out is not None else "no checkpoint"
+                kept = f"the checkpoint of epoch {epoch} in {out}" if out is not None else None
                 if not math.isfinite(train_loss):
                     check_epoch(epoch + 1, {"train loss": train_loss}, model, lr=config.lr, method=config.method,
                                 kept=kept)

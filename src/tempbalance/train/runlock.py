@@ -3,7 +3,8 @@ files, a resubmitted job): an OS file lock (``flock``) on ``.tempbalance.lock`` 
 
 The OS releases the lock when its holder exits in any way (SIGKILL included). The lock *file* may
 then stay behind with the dead holder's pid in it: that is a stale lock file, detected (the lock
-itself is free) and taken over with a log line.
+itself is free) and taken over with a log line. Linux's NFS client supports ``flock``; on a file
+system without locks a run proceeds unlocked, with a warning.
 """
 
 from __future__ import annotations
@@ -95,6 +96,11 @@ class RunLock:
                     raise RunLockedError(self.directory, holder) from None
                 time.sleep(PROBE_PAUSE_S)  # maybe only a brief look by lock_holder(): try again
                 continue
+            except OSError as exc:  # a file system without locks (some network mounts)
+                os.close(fd)
+                log.warning("%s: file locks are not supported here (%s); other processes are not kept from "
+                            "training this run at the same time", self.directory, exc)
+                return self
             except BaseException:
                 os.close(fd)
                 raise
@@ -148,6 +154,8 @@ def lock_holder(directory: str | os.PathLike) -> str | None:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return _describe(os.pread(fd, 4096, 0).decode(errors="replace"))
+        except OSError:  # no locks on this file system
+            return None
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:

@@ -41,16 +41,6 @@ def ddp_config(out: Path, **overrides) -> TrainConfig:
     return TrainConfig(**dict(SETTINGS, out=str(out), **overrides))
 
 
-def cli_args(out: Path, *extra: str) -> list[str]:
-    """The ``tempbalance train`` command line of :data:`SETTINGS`."""
-    flags = {"num_threads": "threads"}
-    argv = ["train", "--no-progress", "--out", str(out), *extra]
-    for key, value in SETTINGS.items():
-        if key != "progress":
-            argv += ["--" + flags.get(key, key).replace("_", "-"), str(value)]
-    return argv
-
-
 # ---------------------------------------------------------------- the worker (one process per rank)
 
 
@@ -121,8 +111,12 @@ def _worker(outdir: Path, ports: list[str]) -> None:
 
     os.environ["MASTER_PORT"] = ports[2]
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        results["resumed_exit"] = cli_main(cli_args(outdir / "part", "--resume"))
+    if rank == 1:  # as on a machine without the run's files: rank 0's settings reach it
+        from tempbalance.train import rundir
+
+        rundir.recorded_settings = lambda directory: None
+    with contextlib.redirect_stdout(printed):  # --out and --resume alone: the settings are read back
+        results["resumed_exit"] = cli_main(["train", "--out", str(outdir / "part"), "--resume", "--no-progress"])
     results["resumed_stdout"] = printed.getvalue()
     results["resumed_weights"] = final_weights()
     torch.save(results, outdir / f"rank{rank}.pt")
@@ -287,11 +281,6 @@ def test_sync_bn_is_a_checked_switch_and_old_checkpoints_still_resume(tmp_path):
         run_training(ddp_config(tmp_path / "old", method="cal", epochs=3, resume=True, sync_bn=True))
 
 
-if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "--worker":
-    torch.set_num_threads(1)
-    _worker(Path(sys.argv[2]), sys.argv[3:])
-
-
 # ---------------------------------------------------------------- error lines of several ranks
 
 
@@ -363,3 +352,8 @@ def test_two_ranks_failing_together_print_two_whole_lines(tmp_path):
     assert codes == [2, 2]
     lines = sorted(log.read_text().splitlines())
     assert lines == [f"tempbalance: error: [rank {r}/2] lr=-1.0 must be a finite number > 0" for r in range(2)]
+
+
+if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "--worker":
+    torch.set_num_threads(1)
+    _worker(Path(sys.argv[2]), sys.argv[3:])

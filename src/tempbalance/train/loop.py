@@ -301,12 +301,15 @@ def run_training(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         config = TrainConfig.for_resume(values["out"], values) if resuming else TrainConfig.from_dict(values)
     config.validate()
     launch = detect_launch()
-    if launch is None:
-        resolve_device(config.device)  # a missing device is an error before any work
-    check_data_source(config.dataset, config.data_dir, config.download)
-    out = Path(config.out) if config.out is not None else None
+    if launch is None:  # before any work (under torchrun: once the ranks agree on the settings)
+        resolve_device(config.device)
+        check_data_source(config.dataset, config.data_dir, config.download)
     stop = _StopFlag()
     with contextlib.ExitStack() as locks, distributed_context(config.device, launch) as (ctx, rank_device):
+        if ctx.enabled:  # rank 0's settings: a resume read them back from rank 0's files
+            config = ctx.broadcast(config)
+            _on_every_rank(ctx, lambda: check_data_source(config.dataset, config.data_dir, config.download))
+        out = Path(config.out) if config.out is not None else None
         device = rank_device if rank_device is not None else resolve_device(config.device)
         opened = _on_main(ctx, lambda: open_run(config, out, device, locks), share=True)
         if opened.finished is not None:
@@ -341,6 +344,22 @@ def _on_main(ctx: DistContext, work: Callable[[], Any], *, share: bool = False) 
         shared_failure.shown_by_rank0 = True
         raise shared_failure
     return result if ctx.is_main else shared_result
+
+
+def _on_every_rank(ctx: DistContext, work: Callable[[], Any]) -> None:
+    """Run ``work`` on every rank; when it fails on any rank, every rank raises (a collective), the
+    others with a TempBalanceError that names the failing rank."""
+    failure: Exception | None = None
+    try:
+        work()
+    except Exception as exc:  # noqa: BLE001 - shared with the other ranks below
+        failure = exc
+    reports = ctx.gather(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    for rank, report in enumerate(reports):
+        if report is not None:
+            raise TempBalanceError(f"rank {rank} failed: {report}")
 
 
 def _portable(error: BaseException) -> BaseException:

@@ -105,8 +105,10 @@ def read_newest_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any]
         try:
             state = _read(path)
         except Exception as exc:  # noqa: BLE001 - a truncated file raises many kinds of errors
-            reason = str(exc) if isinstance(exc, CheckpointError) else f"{path} is unreadable ({type(exc).__name__}: {exc})"
-            problems.append(reason)
+            if isinstance(exc, CheckpointError):
+                problems.append(str(exc))
+            else:
+                problems.append(f"{path} is unreadable ({type(exc).__name__}: {exc})")
             continue
         if problems:
             log.warning("%s; using %s (epoch %d)", "; ".join(problems), path, state["epoch"])

@@ -258,7 +258,9 @@ class TrainConfig:
                 f"(with {spell('download')} it is created and the data set fetched into it)"
             )
         if self.resume and self.out is None:
-            raise ConfigError(f"{spell('resume')} needs an output directory ({spell('out', Placeholder('DIR'))}) holding the run")
+            raise ConfigError(
+                f"{spell('resume')} needs an output directory ({spell('out', Placeholder('DIR'))}) holding the run"
+            )
         if self.resume and self.overwrite:
             raise ConfigError(f"{spell('resume')} and {spell('overwrite')} contradict each other; pass one of them")
         if self.overwrite and self.out is None:

@@ -76,7 +76,8 @@ def run_demo(
     left = [s for s in summaries if s["status"] in ("failed", "skipped", "stale")]
     if left:
         raise TempBalanceError(
-            "the demo's runs did not all finish: " + "; ".join(f"{s['out']}: {s['status']} ({s.get('error') or s.get('reason')})" for s in left)
+            "the demo's runs did not all finish: "
+            + "; ".join(f"{s['out']}: {s['status']} ({s.get('error') or s.get('reason')})" for s in left)
             + f"; delete {out} to start afresh"
         )
     if any(summary["status"] != "finished" for summary in summaries) or len(summaries) < len(runs):
@@ -112,7 +113,7 @@ def _final_factors(out: str | Path) -> dict[str, float]:
 
     factors: dict[str, list[float]] = {}
     for run in collect_runs(out):
-        if run.method != "tb" or not run.metrics:
+        if run.method != "tb" or not run.finished or not run.metrics:
             continue
         last = run.metrics[-1]
         for name, rate in (last.get("layer_lr") or {}).items():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, spell
 
 __all__ = ["resolve_device"]
 
@@ -45,11 +45,11 @@ def resolve_device(name: str) -> torch.device:
     available, count = _available(device.type)
     if not available:
         raise ConfigError(
-            f"device={name!r} but {device.type.upper()} is not available on this machine; use device 'cpu' or 'auto'"
+            f"{spell('device', name)}: {device.type.upper()} is not available on this machine; use "
+            f"{spell('device', 'cpu')} or {spell('device', 'auto')}"
         )
     if device.index is not None and device.index >= count:
         raise ConfigError(
-            f"device={name!r} but this machine has {count} {device.type.upper()} device(s) "
-            f"(indices 0-{count - 1})"
+            f"{spell('device', name)}: this machine has {count} {device.type.upper()} device(s) (indices 0-{count - 1})"
         )
     return device

@@ -237,7 +237,9 @@ def _plots(runs: list[RunResult], directory: Path) -> list[Path]:
             series[f"{method} (n={len(group)})"] = (epochs, means, stds)
         path = directory / f"{_slug(setting)}_test_acc.png"
         with atomic_path(path) as tmp:
-            plots.plot_curves(series, tmp, xlabel="epoch", ylabel="test accuracy (%)", title=f"{setting}: test accuracy")
+            plots.plot_curves(
+                series, tmp, xlabel="epoch", ylabel="test accuracy (%)", title=f"{setting}: test accuracy"
+            )
         written.append(path)
         for method, group in methods.items():
             run = min(group, key=lambda r: r.seed)

@@ -137,7 +137,8 @@ def open_run(config: TrainConfig, out: Path | None, device: torch.device, locks:
         (out / SUMMARY_NAME).unlink()
     if found is None:
         if files.present:
-            log.info("%s has no checkpoint yet (%s): starting the run from the beginning", out, ", ".join(files.present))
+            log.info("%s has no checkpoint yet (%s): starting the run from the beginning", out,
+                     ", ".join(files.present))
             remove_run(out)
         return OpenedRun()
     state, source = found

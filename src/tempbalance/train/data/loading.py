@@ -47,7 +47,8 @@ def _need_dir(name: str, data_dir: str | os.PathLike | None, download: bool, *, 
     if not path.is_dir():
         if not download:
             raise ConfigError(
-                f"{name}: data directory {path} does not exist (with {spell('download')} it is created and {name} fetched)"
+                f"{name}: data directory {path} does not exist "
+                f"(with {spell('download')} it is created and {name} fetched)"
             )
         if create:
             path.mkdir(parents=True, exist_ok=True)
@@ -60,10 +61,15 @@ def _class_folders(folder: Path) -> list[str]:
 
 def _check_class_count(name: str, folder: Path) -> None:
     """Refuse an image folder whose number of class folders is not the data set's."""
-    expected = dataset_info(name).num_classes
+    info = dataset_info(name)
+    expected = info.num_classes
     found = len(_class_folders(folder))
     if found != expected:
-        others = [info.name for info in DATASETS.values() if info.num_classes == found and info.name != name]
+        others = [
+            other.name for other in DATASETS.values()
+            if other.num_classes == found and other.name != name
+            and (other.in_channels, other.image_size) == (info.in_channels, info.image_size)
+        ]
         hint = f" (a folder of {' or '.join(others)}?)" if others else ""
         raise ConfigError(
             f"{name} has {expected} classes but {folder} holds {found} class folders{hint}; "
@@ -84,7 +90,9 @@ def _check_pickled(name: str, root: Path, download: bool) -> None:
     if folder.is_dir():
         absent = [f for f in files if not (folder / f).is_file()]
         if absent and not download:
-            raise ConfigError(f"{name}: missing {', '.join(absent)} in {folder}; with {spell('download')} they are fetched")
+            raise ConfigError(
+                f"{name}: missing {', '.join(absent)} in {folder}; with {spell('download')} they are fetched"
+            )
     elif has_image_folder(root):
         _check_class_count(name, root / "train")
         if not (root / "test").is_dir():
@@ -98,7 +106,8 @@ def _check_pickled(name: str, root: Path, download: bool) -> None:
     else:
         raise ConfigError(
             f"{name}: no data in {root}: expected {root / folder_name}/ (torchvision's files; with "
-            f"{spell('download')} they are fetched) or an image-folder copy {root}/train/<class>/ and {root}/test/<class>/"
+            f"{spell('download')} they are fetched) or an image-folder copy {root}/train/<class>/ and "
+            f"{root}/test/<class>/"
         )
 
 
@@ -124,7 +133,9 @@ def check_data_source(name: str, data_dir: str | os.PathLike | None = None, down
         elif not download:
             absent = [f for f in ("train_32x32.mat", "test_32x32.mat") if not (root / f).is_file()]
             if absent:
-                raise ConfigError(f"svhn: missing {', '.join(absent)} in {root}; with {spell('download')} they are fetched")
+                raise ConfigError(
+                    f"svhn: missing {', '.join(absent)} in {root}; with {spell('download')} they are fetched"
+                )
     elif name == "tinyimagenet" and not download:
         tiny = find_tinyimagenet_root(root)
         check_tinyimagenet(tiny)

@@ -14,29 +14,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch starts its thread 
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from rebalance_overhead import median_time  # noqa: E402  (median of repeats after one warm-up call)
 from tempbalance.train.checkpoint import save_checkpoint
 from tempbalance.train.divergence import non_finite_tensors
 from tempbalance.train.models import create_model
 from tempbalance.train.sweep import expand_sweep, run_status
 
 MODELS = {"resnet18": (3, 10), "cnn1d": (1, 10)}  # name: (input channels, classes)
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def training_state(model: torch.nn.Module) -> dict:

@@ -324,7 +324,7 @@ def test_report_tells_tb_from_tb_farms(tmp_path):
             config = {"dataset": "d", "model": "m", "method": method, "esd": esd, "seed": seed, "tag": "s"}
             (directory / "config.json").write_text(json.dumps(config))
             (directory / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "lr": 0.1, "test_acc": acc}) + "\n")
-            (directory / "summary.json").write_text(json.dumps({"status": "finished"}))
+            (directory / "summary.json").write_text(json.dumps({"status": "finished", "epochs_done": 1}))
     rows = {row["method"]: row for row in summarize(collect_runs(tmp_path))}
     assert set(rows) == {"cal", "tb", "tb[esd=farms]"}  # CAL does not measure: its esd is no label
     assert rows["tb[esd=farms]"]["diff_vs_cal_mean"] == pytest.approx(2.0)  # (61 - 60 + 65 - 62) / 2

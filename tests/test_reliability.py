@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -29,6 +30,7 @@ import tempbalance
 from tempbalance.cli import main as cli_main
 from tempbalance.errors import ConfigError
 from tempbalance.train import TrainConfig, run_training
+from tempbalance.atomic import temporaries
 from tempbalance.train.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -492,10 +494,10 @@ def test_sigkill_at_three_moments_then_sigint_resume_is_bit_exact(tmp_path, caps
 
     proc = _spawn(out, resume=True)  # 3: while a later checkpoint is being written (tmp file present)
     _wait_new_checkpoint(proc, out)
-    partial, renamed = out / ".checkpoint.pt.tmp", [_mtime(out / "checkpoint.pt")]
+    renamed = [_mtime(out / "checkpoint.pt")]
 
     def writing_checkpoint() -> bool:
-        if partial.exists():
+        if temporaries(out / "checkpoint.pt"):  # a checkpoint's temporary file is being written
             return True
         stamp = _mtime(out / "checkpoint.pt")
         if stamp != renamed[-1]:
@@ -549,7 +551,7 @@ def test_kill_between_the_two_renames_of_a_checkpoint_leaves_a_resumable_run(tmp
     real_replace, saves = os.replace, []
 
     def dying_replace(src, dst):
-        if Path(src).name == ".checkpoint.pt.tmp":
+        if Path(src) in temporaries(cut / "checkpoint.pt"):
             saves.append(dst)
             if len(saves) == 3:  # checkpoints of epochs 0, 1, then 2: die before the final rename
                 raise KeyboardInterrupt("simulated SIGKILL")
@@ -561,7 +563,7 @@ def test_kill_between_the_two_renames_of_a_checkpoint_leaves_a_resumable_run(tmp
         run_training(TrainConfig(**config, out=str(cut)))
     monkeypatch.setattr(os, "replace", real_replace)
     assert not (cut / "checkpoint.pt").exists() and (cut / "checkpoint.prev.pt").exists()
-    assert len((cut / "metrics.jsonl").read_text().splitlines()) == 2  # metrics are ahead of the checkpoint
+    assert len((cut / "metrics.jsonl").read_text().splitlines()) == 1  # never ahead of the newest checkpoint
     assert _assert_readable(cut, tmp_path / "report", capsys) == 1
     run_training(TrainConfig(**config, out=str(cut), resume=True))
     a, b = load_checkpoint(cut), load_checkpoint(tmp_path / "straight")
@@ -581,7 +583,11 @@ def test_param_groups_rejects_bad_group_options(key, value):
 def test_checkpoint_data_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypatch):
     from tempbalance.train.checkpoint import save_checkpoint
 
-    save_checkpoint({"epoch": 1, "w": torch.ones(4)}, tmp_path)
+    def state(epoch: int, w: torch.Tensor) -> dict:
+        return {"epoch": epoch, "config": {}, "model": {"w": w}, "optimizer": {}, "scheduler": {}, "rng": {},
+                "metrics": [{"epoch": i + 1} for i in range(epoch)]}
+
+    save_checkpoint(state(1, torch.ones(4)), tmp_path)
     events: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -595,9 +601,9 @@ def test_checkpoint_data_is_fsynced_before_it_is_renamed_into_place(tmp_path, mo
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    save_checkpoint({"epoch": 2, "w": torch.zeros(4)}, tmp_path)
+    save_checkpoint(state(2, torch.zeros(4)), tmp_path)
     monkeypatch.undo()
-    final = events.index("replace .checkpoint.pt.tmp -> checkpoint.pt")
+    (final,) = [i for i, event in enumerate(events) if re.fullmatch(r"replace \.checkpoint\.\d+-\w+\.tmp\.pt -> checkpoint\.pt", event)]
     assert "fsync" in events[:final]  # the data reach the disk before the name points at them
     assert events.index("replace checkpoint.pt -> checkpoint.prev.pt") < final  # the previous one is kept
     assert torch.load(tmp_path / "checkpoint.prev.pt")["epoch"] == 1 and load_checkpoint(tmp_path)["epoch"] == 2

@@ -12,6 +12,7 @@ import pytest
 
 import tempbalance
 from tempbalance.cli import main as cli_main
+from tempbalance.errors import ConfigError
 from tempbalance.train.report import collect_runs, summarize, write_report
 from tempbalance.train.sweep import expand_sweep, run_sweep
 
@@ -26,7 +27,7 @@ def fake_run(root: Path, setting: str, method: str, seed: int, accs: list[float]
             for i, acc in enumerate(accs)]
     (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if finished:
-        (directory / "summary.json").write_text(json.dumps({"status": "finished"}))
+        (directory / "summary.json").write_text(json.dumps({"status": "finished", "epochs_done": len(accs)}))
 
 
 def test_summary_numbers_on_hand_made_runs(tmp_path):
@@ -61,7 +62,7 @@ def test_single_seed_has_no_std(tmp_path):
 
 
 def test_empty_directory_is_an_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no run directories"):
+    with pytest.raises(ConfigError, match="no run directories"):
         write_report(tmp_path)
 
 

@@ -87,7 +87,7 @@ def test_bad_settings_are_named(overrides, pattern):
 
 
 def test_missing_data_dir_and_unknown_keys(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(ConfigError, match="nowhere"):
         tiny(None, data_dir=str(tmp_path / "nowhere")).validate()
     with pytest.raises(ConfigError, match=r"unknown training setting\(s\) \['learning_rate'\].*accepted:.*lr"):
         TrainConfig.from_dict({"learning_rate": 0.1})
@@ -199,9 +199,15 @@ def test_no_readable_checkpoint_names_both_files(tmp_path):
     assert load_checkpoint(tmp_path / "empty") is None
 
 
+def training_state(epoch: int, **extra) -> dict:
+    """The keys every training checkpoint holds (values only as the loader checks them)."""
+    return dict({"epoch": epoch, "config": {}, "model": {}, "optimizer": {}, "scheduler": {}, "rng": {},
+                 "metrics": [{"epoch": i + 1} for i in range(epoch)]}, **extra)
+
+
 def test_save_checkpoint_is_atomic_and_keeps_previous(tmp_path):
-    save_checkpoint({"epoch": 1, "x": torch.ones(3)}, tmp_path)
-    save_checkpoint({"epoch": 2, "x": torch.zeros(3)}, tmp_path)
+    save_checkpoint(training_state(1, x=torch.ones(3)), tmp_path)
+    save_checkpoint(training_state(2, x=torch.zeros(3)), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt"]
     assert torch.load(tmp_path / "checkpoint.prev.pt")["epoch"] == 1
     assert load_checkpoint(tmp_path)["epoch"] == 2

@@ -41,16 +41,6 @@ def ddp_config(out: Path, **overrides) -> TrainConfig:
     return TrainConfig(**dict(SETTINGS, out=str(out), **overrides))
 
 
-def cli_args(out: Path, *extra: str) -> list[str]:
-    """The ``tempbalance train`` command line of :data:`SETTINGS`."""
-    flags = {"num_threads": "threads"}
-    argv = ["train", "--no-progress", "--out", str(out), *extra]
-    for key, value in SETTINGS.items():
-        if key != "progress":
-            argv += ["--" + flags.get(key, key).replace("_", "-"), str(value)]
-    return argv
-
-
 # ---------------------------------------------------------------- the worker (one process per rank)
 
 
@@ -121,8 +111,12 @@ def _worker(outdir: Path, ports: list[str]) -> None:
 
     os.environ["MASTER_PORT"] = ports[2]
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        results["resumed_exit"] = cli_main(cli_args(outdir / "part", "--resume"))
+    if rank == 1:  # as on a machine without the run's files: rank 0's settings reach it
+        from tempbalance.train import rundir
+
+        rundir.recorded_settings = lambda directory: None
+    with contextlib.redirect_stdout(printed):  # --out and --resume alone: the settings are read back
+        results["resumed_exit"] = cli_main(["train", "--out", str(outdir / "part"), "--resume", "--no-progress"])
     results["resumed_stdout"] = printed.getvalue()
     results["resumed_weights"] = final_weights()
     torch.save(results, outdir / f"rank{rank}.pt")
@@ -285,6 +279,79 @@ def test_sync_bn_is_a_checked_switch_and_old_checkpoints_still_resume(tmp_path):
     assert run_training(ddp_config(out, method="cal", epochs=2, resume=True))["status"] == "finished"
     with pytest.raises(ConfigError, match=r"sync_bn: False -> True"):
         run_training(ddp_config(tmp_path / "old", method="cal", epochs=3, resume=True, sync_bn=True))
+
+
+# ---------------------------------------------------------------- error lines of several ranks
+
+
+class _Writes:
+    """A stand-in for sys.stderr that records each write call."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing buffered."""
+
+
+def test_each_ranks_error_is_one_write_with_its_rank(monkeypatch):
+    """Two ranks printing at once cannot run their lines together: each line is one write call
+    carrying its newline, and says which rank it comes from."""
+    from tempbalance.cli import main as cli_main
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    stderr = _Writes()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert cli_main(["train", "--dataset", "nope"]) == 2
+    assert len(stderr.calls) == 1
+    assert stderr.calls[0].startswith("tempbalance: error: [rank 1/2] unknown dataset 'nope'")
+    assert stderr.calls[0].endswith("\n") and stderr.calls[0].count("\n") == 1
+
+
+def test_an_error_rank0_shares_is_printed_by_rank0_only(monkeypatch):
+    """An error rank 0 hands to every rank (e.g. "already holds a run") is printed once, by rank 0;
+    every rank exits with its status."""
+    import tempbalance.train
+    from tempbalance.cli import main as cli_main
+
+    def shared_failure(config):
+        error = ConfigError("runs/x already holds a run")
+        error.shown_by_rank0 = True
+        raise error
+
+    monkeypatch.setattr(tempbalance.train, "run_training", shared_failure)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, lines in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        stderr = _Writes()
+        monkeypatch.setattr(sys, "stderr", stderr)
+        assert cli_main(["train", "--dataset", "mnist1d"]) == 2
+        assert len(stderr.calls) == lines
+
+
+def test_two_ranks_failing_together_print_two_whole_lines(tmp_path):
+    """As torchrun runs them: two processes, one shared stderr, both refusing the same bad setting."""
+    import subprocess
+
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as shared:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "tempbalance.cli", "train", "--dataset", "mnist1d", "--lr", "-1"],
+                env=dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), OMP_NUM_THREADS="1"),
+                stdout=subprocess.DEVNULL, stderr=shared,
+            )
+            for rank in range(2)
+        ]
+        codes = [proc.wait(timeout=WORKER_TIMEOUT_S) for proc in procs]
+    assert codes == [2, 2]
+    lines = sorted(log.read_text().splitlines())
+    assert lines == [f"tempbalance: error: [rank {r}/2] lr=-1.0 must be a finite number > 0" for r in range(2)]
 
 
 if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "--worker":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -44,8 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank() -> tuple[int, int]:
+    """(rank, world size) of this process under torchrun; (0, 1) otherwise."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0, 1
+
+
+def _print_error(text: str) -> None:
+    """One whole line on stderr in a single write (ranks sharing a terminal cannot interleave it),
+    prefixed with the rank under torchrun."""
+    rank, world = _rank()
+    prefix = f"[rank {rank}/{world}] " if world > 1 else ""
+    sys.stderr.write(f"tempbalance: error: {prefix}{text}\n")
+    sys.stderr.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point. Returns the exit status (0 ok, 2 bad input, 1 unexpected error, 130 interrupted)."""
+    """Entry point. Returns the exit status (0 ok, 2 bad input, 1 unexpected error or a failed write,
+    130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s")
@@ -60,12 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"tempbalance: error: {message}", file=sys.stderr)
-        return 2
+        if not (getattr(exc, "shown_by_rank0", False) and _rank()[0] != 0):  # rank 0 prints a shared error
+            _print_error(str(message))
+        return int(getattr(exc, "exit_status", 2))
     except Exception as exc:  # noqa: BLE001 - the CLI promises one line without --debug
         if debug:
             raise
-        print(f"tempbalance: error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        _print_error(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
         return 1
 
 

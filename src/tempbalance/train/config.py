@@ -1,6 +1,8 @@
-"""The settings of one training run (:class:`TrainConfig`) and their validation.
+"""The settings of one training run (:class:`TrainConfig`), their validation, and which of them
+a resumed run may change.
 
-Every field is a plain value so a config round-trips through ``config.json`` and sweep files.
+Every field is a plain value so a config round-trips through ``config.json`` and sweep files. The
+class docstring's ``Attributes`` section is the help text of each field's command-line flag.
 """
 
 from __future__ import annotations
@@ -8,22 +10,39 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, Placeholder, spell
 from ..farms import ESD_MODES
 
-__all__ = ["TrainConfig", "RESULT_NEUTRAL_FIELDS", "FITS", "METRICS"]
+__all__ = [
+    "TrainConfig",
+    "BOOKKEEPING_FIELDS",
+    "NUMERICS_FIELDS",
+    "RESULT_NEUTRAL_FIELDS",
+    "NOT_READ_BACK",
+    "FITS",
+    "METRICS",
+    "parse_value",
+]
 
 FITS = ("median", "ks", "fix-finger")
 METRICS = ("alpha", "alphahat", "spectral_norm")
 AMP_MODES = ("auto", "bf16", "off")
 
-# Fields that may differ between a run and its resumption without changing its results.
-RESULT_NEUTRAL_FIELDS = frozenset(
-    {"out", "data_dir", "download", "resume", "progress", "stop_after", "compile", "device", "num_threads", "tag"}
+# Fields that never change a number of the run: a resumed run may change them freely.
+BOOKKEEPING_FIELDS = frozenset(
+    {"out", "data_dir", "download", "resume", "overwrite", "progress", "stop_after", "tag"}
 )
+# Fields that change the arithmetic but not the experiment: a resumed run may change them, with a
+# warning that the result is no longer bit-identical to an uninterrupted run.
+NUMERICS_FIELDS = frozenset({"num_threads", "compile", "deterministic", "device"})
+# Every field that may differ between a run and its resumption (all others must be equal).
+RESULT_NEUTRAL_FIELDS = BOOKKEEPING_FIELDS | NUMERICS_FIELDS
+# Fields a resume does not read back from the run (they describe this invocation, not the run).
+NOT_READ_BACK = frozenset({"out", "resume", "overwrite", "stop_after", "progress"})
 
 
 @dataclass
@@ -70,7 +89,10 @@ class TrainConfig:
         num_threads: torch CPU threads for the run (None = leave as is).
         eval_batch_size: batch size for the test set, default 512.
         progress: show a tqdm bar on stderr, default True.
-        resume: continue from ``out/checkpoint.pt`` when it exists, default False.
+        resume: continue the run in ``out`` from its checkpoint, default False; a finished run is
+            left as it is. Settings not given are read back from the run.
+        overwrite: delete the run in ``out`` (its config, metrics, summary, checkpoints) and start
+            over, default False.
         stop_after: stop (resumably) after this many epochs in total, e.g. to time-slice a job;
             None = run to ``epochs``.
         tag: free label; the report groups runs by it (a sweep sets it to the setting's name).
@@ -109,10 +131,11 @@ class TrainConfig:
     compile: bool = False
     sync_bn: bool = False
     deterministic: bool = True
-    num_threads: int | None = None
+    num_threads: int | None = field(default=None, metadata={"flags": ("--threads", "--num-threads")})
     eval_batch_size: int = 512
     progress: bool = True
     resume: bool = False
+    overwrite: bool = False
     stop_after: int | None = None
     tag: str = ""
 
@@ -122,6 +145,13 @@ class TrainConfig:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
+    def field_help(cls) -> dict[str, str]:
+        """Field name -> its one-paragraph description from the class docstring (markup removed);
+        a field the docstring does not describe maps to ``""``."""
+        described = _attribute_docs(cls.__doc__ or "")
+        return {name: described.get(name, "") for name in cls.field_names()}
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         """Build from a mapping; an unknown key is an error that lists the accepted ones."""
         unknown = sorted(set(values) - set(cls.field_names()))
@@ -129,21 +159,57 @@ class TrainConfig:
             raise ConfigError(f"unknown training setting(s) {unknown}; accepted: {', '.join(cls.field_names())}")
         return cls(**values)
 
+    @classmethod
+    def for_resume(cls, out: str | os.PathLike, given: dict[str, Any]) -> "TrainConfig":
+        """The config that continues the run in ``out``: the settings it records (its checkpoint's,
+        else its ``config.json``) with ``given`` on top, ``resume=True``. Fields in
+        :data:`NOT_READ_BACK` (``stop_after``, ``progress``, ...) are not read back. A directory
+        holding no run gives just ``given``.
+
+        Raises:
+            ConfigError: an unknown key in ``given``.
+        """
+        from .rundir import recorded_settings
+
+        recorded = recorded_settings(out) or {}
+        known = set(cls.field_names()) - NOT_READ_BACK
+        values = {key: value for key, value in recorded.items() if key in known}
+        return cls.from_dict({**values, **given, "out": os.fspath(out), "resume": True})
+
     def to_dict(self) -> dict[str, Any]:
         """All fields as plain values (what ``config.json`` holds)."""
         return dataclasses.asdict(self)
+
+    def differences(self, recorded: dict[str, Any]) -> list[str]:
+        """``"name: recorded -> now"`` for each field that defines the experiment (every field
+        outside :data:`RESULT_NEUTRAL_FIELDS`) and differs from a run's ``recorded`` settings; a
+        field ``recorded`` lacks had its default when the run was saved."""
+        defaults = TrainConfig().to_dict()
+        current = self.to_dict()
+        return [
+            f"{name}: {recorded.get(name, defaults[name])!r} -> {current[name]!r}"
+            for name in self.field_names()
+            if name not in RESULT_NEUTRAL_FIELDS and recorded.get(name, defaults[name]) != current[name]
+        ]
 
     def validate(self) -> "TrainConfig":
         """Check every value; fill in the data set's default model. Returns ``self``.
 
         Raises:
-            ConfigError: naming the bad value and what is accepted.
-            FileNotFoundError: ``data_dir`` given but missing.
+            ConfigError: naming the bad value and what is accepted (also for a ``data_dir`` that
+                does not exist, unless ``download``).
         """
         from . import data, methods, models
 
         self.out = None if self.out is None else os.fspath(self.out)
         self.data_dir = None if self.data_dir is None else os.fspath(self.data_dir)
+        for name in _fields_typed("bool"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
+        for name in _fields_typed("str", "str | None"):
+            value = getattr(self, name)
+            if not (isinstance(value, str) or (value is None and "None" in _field_type(name))):
+                raise ConfigError(f"{name}={value!r} must be a string")
         datasets = data.DATASETS
         if self.dataset not in datasets:
             raise ConfigError(f"unknown dataset {self.dataset!r}; accepted: {', '.join(sorted(datasets))}")
@@ -192,14 +258,75 @@ class TrainConfig:
             _positive_int("num_threads", self.num_threads)
         if self.stop_after is not None:
             _positive_int("stop_after", self.stop_after)
-        if self.data_dir is not None and not os.path.isdir(self.data_dir):
-            raise FileNotFoundError(f"data_dir {self.data_dir!r} does not exist or is not a directory")
-        for name in ("sync_bn", "tb_async"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.data_dir is not None and not self.download and not os.path.isdir(self.data_dir):
+            raise ConfigError(
+                f"data_dir {self.data_dir!r} does not exist or is not a directory "
+                f"(with {spell('download')} it is created and the data set fetched into it)"
+            )
         if self.resume and self.out is None:
-            raise ConfigError("resume=True needs an output directory (out) holding checkpoint.pt")
+            raise ConfigError(
+                f"{spell('resume')} needs an output directory ({spell('out', Placeholder('DIR'))}) holding the run"
+            )
+        if self.resume and self.overwrite:
+            raise ConfigError(f"{spell('resume')} and {spell('overwrite')} contradict each other; pass one of them")
+        if self.overwrite and self.out is None:
+            raise ConfigError(f"{spell('overwrite')} needs an output directory ({spell('out', Placeholder('DIR'))})")
         return self
+
+
+def parse_value(text: str) -> Any:
+    """A setting's value from text, read as TOML (numbers, booleans, ``[lists]``, ``"strings"``),
+    falling back to the raw text (so ``cpu`` is the string ``"cpu"``)."""
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text.strip()
+
+
+def _field_type(name: str) -> str:
+    """The annotation of field ``name`` as written (``"int | None"``)."""
+    (declared,) = [f.type for f in dataclasses.fields(TrainConfig) if f.name == name]
+    return declared if isinstance(declared, str) else getattr(declared, "__name__", str(declared))
+
+
+def _fields_typed(*annotations: str) -> list[str]:
+    """The fields declared with one of ``annotations`` (as written, e.g. ``"bool"``)."""
+    return [f.name for f in dataclasses.fields(TrainConfig) if _field_type(f.name) in annotations]
+
+
+_MARKUP = re.compile(r"``([^`]*)``|:\w+:`~?([^`]*)`")
+
+
+def _attribute_docs(doc: str) -> dict[str, str]:
+    """Parse a Google-style ``Attributes:`` section: ``name: text`` or ``a, b: text`` entries,
+    continuation lines indented deeper. Returns name -> text with the reST markup removed."""
+    lines = doc.expandtabs().splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Attributes:")
+    except StopIteration:
+        return {}
+    entries: dict[str, str] = {}
+    names: list[str] = []
+    indent = None
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            continue
+        depth = len(line) - len(line.lstrip())
+        indent = depth if indent is None else indent
+        if depth < indent:
+            break
+        head, sep, text = line.strip().partition(": ")
+        if depth == indent and sep and re.fullmatch(r"\w+(, \w+)*", head):
+            names = head.split(", ")
+            for name in names:
+                entries[name] = text.strip()
+        elif names:
+            for name in names:
+                entries[name] += " " + line.strip()
+    return {name: _MARKUP.sub(lambda m: m.group(1) if m.group(1) is not None else m.group(2), text)
+            for name, text in entries.items()}
 
 
 def _positive_int(name: str, value: Any) -> None:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError, TempBalanceError
 from .checkpoint import load_checkpoint
 from .report import write_report
 from .sweep import expand_sweep, run_sweep
@@ -51,7 +52,7 @@ def run_demo(
         "factors": {layer: mean final TB rate / global rate}, "seconds": wall time}``.
     """
     if not (isinstance(seeds, int) and 1 <= seeds <= len(DEMO_SEEDS)):
-        raise ValueError(f"seeds={seeds!r} must be an integer from 1 to {len(DEMO_SEEDS)}")
+        raise ConfigError(f"seeds={seeds!r} must be an integer from 1 to {len(DEMO_SEEDS)}")
     started = time.perf_counter()
     spec = {
         "name": "demo",
@@ -72,6 +73,13 @@ def run_demo(
     }
     runs = expand_sweep(spec, out=out)
     summaries = run_sweep(runs)
+    left = [s for s in summaries if s["status"] in ("failed", "skipped", "stale")]
+    if left:
+        raise TempBalanceError(
+            "the demo's runs did not all finish: "
+            + "; ".join(f"{s['out']}: {s['status']} ({s.get('error') or s.get('reason')})" for s in left)
+            + f"; delete {out} to start afresh"
+        )
     if any(summary["status"] != "finished" for summary in summaries) or len(summaries) < len(runs):
         raise KeyboardInterrupt  # a run was stopped by SIGINT/SIGTERM; its checkpoint is kept
     report = write_report(out, plots=plots)
@@ -105,7 +113,7 @@ def _final_factors(out: str | Path) -> dict[str, float]:
 
     factors: dict[str, list[float]] = {}
     for run in collect_runs(out):
-        if run.method != "tb" or not run.metrics:
+        if run.method != "tb" or not run.finished or not run.metrics:
             continue
         last = run.metrics[-1]
         for name, rate in (last.get("layer_lr") or {}).items():

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, spell
 
 __all__ = [
     "Launch", "DistContext", "StopVote", "detect_launch", "distributed_context", "wrap_model", "rank_seed", "summed"
@@ -187,13 +187,17 @@ def _device_for(name: str, launch: Launch) -> torch.device:
         return device
     if device.type != "cuda":
         raise ConfigError(
-            f"device={name!r} under torchrun: accepted are cpu (gloo), cuda and auto (NCCL on cuda:LOCAL_RANK)"
+            f"{spell('device', name)} under torchrun: accepted are cpu (gloo), cuda and auto (NCCL on cuda:LOCAL_RANK)"
         )
     if not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but CUDA is not available here; use device='cpu' or 'auto'")
+        raise ConfigError(
+            f"{spell('device', name)} but CUDA is not available here; use {spell('device', 'cpu')} or "
+            f"{spell('device', 'auto')}"
+        )
     if device.index is not None:
         raise ConfigError(
-            f"device={name!r} under torchrun: each process uses cuda:LOCAL_RANK; pass device 'cuda' or 'auto'"
+            f"{spell('device', name)} under torchrun: each process uses cuda:LOCAL_RANK; pass "
+            f"{spell('device', 'cuda')} or {spell('device', 'auto')}"
         )
     if launch.local_rank >= torch.cuda.device_count():
         raise ConfigError(

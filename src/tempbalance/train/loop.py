@@ -1,5 +1,5 @@
 """The training loop: :func:`run_training` builds data, model and method from a :class:`TrainConfig`,
-trains epoch by epoch with metrics and an atomic checkpoint each epoch, and resumes exactly (also under torchrun).
+trains epoch by epoch with an atomic checkpoint and metrics each epoch, and resumes exactly (also under torchrun).
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import signal
 import sys
@@ -21,29 +20,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, TempBalanceError
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_text_atomic
-from .config import RESULT_NEUTRAL_FIELDS, TrainConfig
+from ..atomic import write_json
+from ..errors import ConfigError, TempBalanceError, spell
+from .checkpoint import rng_state, save_checkpoint, set_rng_state
+from .config import NUMERICS_FIELDS, TrainConfig
+from .data.loading import check_data_source
+from .devices import resolve_device
 from .distributed_run import DistContext, StopVote, detect_launch, distributed_context, rank_seed, summed, wrap_model
+from .divergence import DivergenceError, LossWatch, check_epoch
 from .methods import MethodParts, balanced_rates, build_method, global_lr
 from .metrics import MetricsWriter
+from .resume import OpenedRun, open_run
+from .rundir import CONFIG_NAME, SUMMARY_NAME
 
-__all__ = ["run_training", "resolve_device", "summary_line", "SUMMARY_NAME"]
+__all__ = ["run_training", "resolve_device", "summary_line", "SUMMARY_NAME", "DivergenceError"]
 
 log = logging.getLogger(__name__)
 
-SUMMARY_NAME = "summary.json"
 CHECKPOINT_FORMAT = 1
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> cuda when available, else cpu; other names as given (checked to exist)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but CUDA is not available here; use device='cpu' or 'auto'")
-    return device
 
 
 class _StopFlag:
@@ -72,16 +66,19 @@ class _StopFlag:
 
 
 @contextlib.contextmanager
-def _run_environment(config: TrainConfig, device: torch.device, stop: _StopFlag) -> Iterator[None]:
-    """Threads, determinism and signal handlers for the run; everything restored afterwards."""
+def _run_environment(
+    config: TrainConfig, device: torch.device, stop: _StopFlag, threads: int | None = None
+) -> Iterator[None]:
+    """Threads (``config.num_threads``, else ``threads``, else as they are), determinism and signal
+    handlers for the run; everything restored afterwards."""
     previous_threads = torch.get_num_threads()
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
     previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     previous_benchmark = torch.backends.cudnn.benchmark
     handlers: dict[int, Any] = {}
     try:
-        if config.num_threads is not None:
-            torch.set_num_threads(config.num_threads)
+        if (config.num_threads or threads) is not None:
+            torch.set_num_threads(config.num_threads or threads)
         torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
         torch.backends.cudnn.benchmark = not config.deterministic and device.type == "cuda"
         if threading.current_thread() is threading.main_thread():
@@ -128,21 +125,6 @@ def _prepare(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
     return x
-
-
-def _check_resumable(saved: dict[str, Any], config: TrainConfig, out: Path) -> None:
-    current = config.to_dict()
-    defaults = TrainConfig().to_dict()  # a field added after the run was saved had its default then
-    changed = [
-        f"{key}: {saved.get(key, defaults[key])!r} -> {current[key]!r}"
-        for key in current
-        if key not in RESULT_NEUTRAL_FIELDS and saved.get(key, defaults[key]) != current[key]
-    ]
-    if changed:
-        raise ConfigError(
-            f"cannot resume {out}: settings differ from the checkpoint's ({'; '.join(changed)}); "
-            "use the same settings or another out directory"
-        )
 
 
 def _train_epoch(
@@ -276,8 +258,22 @@ def run_training(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     ``metrics.jsonl`` / ``metrics.csv`` (one row per epoch: ``epoch``, ``lr`` (global rate used),
     ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc`` (accuracies in %), ``epoch_time`` (s)
     and, when balancing, ``alpha`` / ``layer_lr`` per layer), ``checkpoint.pt`` after every epoch
-    (``checkpoint.prev.pt`` the one before), and ``summary.json`` once finished.
-    ``config.resume`` continues from the checkpoint with identical results (CPU, deterministic).
+    (``checkpoint.prev.pt`` the one before), and ``summary.json`` once finished. Every file is
+    replaced atomically, and the metrics are written after the epoch's checkpoint (never ahead of it).
+    While it trains, the run holds the directory's lock: another process trying the same directory
+    gets :class:`~tempbalance.train.runlock.RunLockedError`.
+
+    A directory that already holds a run needs ``resume`` (continue it; a finished run is left as
+    it is) or ``overwrite`` (start over). ``resume`` continues from the checkpoint with identical
+    results (CPU, deterministic): the experiment's settings must equal the run's; the thread count
+    is the run's own unless given; other threads, device, ``compile`` or ``deterministic`` are
+    accepted with a warning (no longer bit-identical). Given as a dict with ``resume=True``,
+    settings not in it are read back from the run.
+
+    Before anything is trained, the device is checked to exist and ``data_dir`` to hold the data
+    set. An epoch with a non-finite loss or weight raises :class:`DivergenceError` before its
+    checkpoint is written; a training loss growing by orders of magnitude is warned about (and
+    listed under ``warnings`` in the summary).
 
     Under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` set, more than one process) the
     run is data-parallel: a process group is set up (NCCL on ``cuda:LOCAL_RANK``, else gloo) and torn
@@ -292,54 +288,89 @@ def run_training(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         ``"interrupted"`` with ``signal``), final / best test accuracy, epochs done, train time.
 
     Raises:
-        ConfigError: a bad setting, or an existing run in ``out`` without ``resume``.
+        ConfigError: a bad setting, a missing device or data set, an existing run in ``out``
+            without ``resume``/``overwrite``, or a resume with other settings.
         CheckpointError: ``resume`` but no checkpoint can be read.
+        RunLockedError: another process is training ``out``.
+        DivergenceError: a non-finite loss or weight.
+        WriteError: a file could not be written (e.g. the disk is full); it names the file.
     """
-    config = TrainConfig.from_dict(config) if isinstance(config, dict) else config
+    if isinstance(config, dict):
+        values = dict(config)
+        resuming = values.get("resume") and values.get("out") is not None
+        config = TrainConfig.for_resume(values["out"], values) if resuming else TrainConfig.from_dict(values)
     config.validate()
     launch = detect_launch()
-    out = Path(config.out) if config.out is not None else None
+    if launch is None:  # before any work (under torchrun: once the ranks agree on the settings)
+        resolve_device(config.device)
+        check_data_source(config.dataset, config.data_dir, config.download)
     stop = _StopFlag()
-    with distributed_context(config.device, launch) as (ctx, rank_device):
+    with contextlib.ExitStack() as locks, distributed_context(config.device, launch) as (ctx, rank_device):
+        if ctx.enabled:  # rank 0's settings: a resume read them back from rank 0's files
+            config = ctx.broadcast(config)
+            _on_every_rank(ctx, lambda: check_data_source(config.dataset, config.data_dir, config.download))
+        out = Path(config.out) if config.out is not None else None
         device = rank_device if rank_device is not None else resolve_device(config.device)
-        opened: Any = None
-        if ctx.is_main:
-            try:
-                opened = _open_run(config, out)
-            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-                opened = exc
-        opened = ctx.broadcast(opened)
-        if isinstance(opened, Exception):
-            raise opened
-        finished, state = opened
-        if finished is not None:
-            return finished
-        with _run_environment(config, device, stop):
-            return _train(config, device, out, state, stop, ctx)
+        opened = _on_main(ctx, lambda: open_run(config, out, device, locks), share=True)
+        if opened.finished is not None:
+            return opened.finished
+        with _run_environment(config, device, stop, opened.threads):
+            return _train(config, device, out, opened, stop, ctx)
 
 
-def _open_run(config: TrainConfig, out: Path | None) -> tuple[dict | None, dict | None]:
-    """``(summary, None)`` for a finished run being resumed, ``(None, checkpoint or None)`` otherwise.
+def _on_main(ctx: DistContext, work: Callable[[], Any], *, share: bool = False) -> Any:
+    """Run ``work`` on rank 0 only and tell every rank whether it failed; a collective under torchrun.
 
-    Raises:
-        ConfigError: a run exists in ``out`` without ``resume``, or with other settings.
-        CheckpointError: ``resume`` but no checkpoint can be read.
-    """
-    if out is None:
-        return None, None
-    if (out / SUMMARY_NAME).exists() and config.resume:
-        if (out / "config.json").exists():
-            _check_resumable(json.loads((out / "config.json").read_text()), config, out)
-        log.info("%s is already finished", out)
-        return json.loads((out / SUMMARY_NAME).read_text()), None
-    state = load_checkpoint(out)
-    if state is not None and not config.resume:
-        raise ConfigError(
-            f"{out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out"
-        )
-    if state is not None:
-        _check_resumable(state["config"], config, out)
-    return None, state
+    Returns ``work``'s result on rank 0; on the other ranks None, or rank 0's result with ``share``.
+    When ``work`` fails every rank raises (so none waits forever for rank 0); the other ranks'
+    copy of the error is marked ``shown_by_rank0`` (the CLI prints it once)."""
+    result: Any = None
+    failure: Exception | None = None
+    if ctx.is_main:
+        try:
+            result = work()
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+            failure = exc
+    if not ctx.enabled:
+        if failure is not None:
+            raise failure
+        return result
+    shared_result, shared_failure = ctx.broadcast(
+        (result if share and failure is None else None, None if failure is None else _portable(failure))
+    )
+    if failure is not None:
+        raise failure
+    if shared_failure is not None:
+        shared_failure.shown_by_rank0 = True
+        raise shared_failure
+    return result if ctx.is_main else shared_result
+
+
+def _on_every_rank(ctx: DistContext, work: Callable[[], Any]) -> None:
+    """Run ``work`` on every rank; when it fails on any rank, every rank raises (a collective), the
+    others with a TempBalanceError that names the failing rank."""
+    failure: Exception | None = None
+    try:
+        work()
+    except Exception as exc:  # noqa: BLE001 - shared with the other ranks below
+        failure = exc
+    reports = ctx.gather(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    for rank, report in enumerate(reports):
+        if report is not None:
+            raise TempBalanceError(f"rank {rank} failed: {report}")
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling, else a TempBalanceError with its message."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any unpicklable error
+        return TempBalanceError(f"{type(error).__name__}: {error}")
 
 
 def _restore_rng(state: dict[str, Any], ctx: DistContext) -> None:
@@ -359,11 +390,44 @@ def _restore_rng(state: dict[str, Any], ctx: DistContext) -> None:
         _seed_everything(rank_seed(int(state["config"]["seed"]) + int(state["epoch"]), ctx.rank))
 
 
+def _write_config(out: Path, settings: dict[str, Any], device: torch.device, ctx: DistContext, dataset: Any,
+                  opened: OpenedRun, start: int) -> None:
+    """``config.json``: every resolved setting and the environment. A resumed run keeps the file's
+    original values and appends what this continuation ran with under ``resumed``."""
+    environment = {
+        "torch": torch.__version__,
+        "num_train": getattr(dataset, "num_train", None),
+        "num_test": getattr(dataset, "num_test", None),
+        "threads": torch.get_num_threads(),
+        "backend": ctx.backend,
+    }
+    path = out / CONFIG_NAME
+    written = None
+    if opened.state is not None and path.is_file():
+        try:
+            written = json.loads(path.read_text())
+        except ValueError:
+            log.warning("%s is not valid JSON; writing it again from the settings", path)
+    if isinstance(written, dict):
+        continuation = {"epoch": start, "device": str(device), "world_size": ctx.world_size, **environment}
+        if opened.changed:
+            continuation["changed"] = opened.changed
+        written.setdefault("resumed", []).append(continuation)
+        write_json(path, written)
+        return
+    resolved = dict(settings, device=str(device))
+    resolved["world_size"] = ctx.world_size
+    resolved["global_batch_size"] = settings["batch_size"] * ctx.world_size
+    resolved["environment"] = environment
+    write_json(path, resolved)
+
+
 def _train(
-    config: TrainConfig, device: torch.device, out: Path | None, state: dict | None, stop: _StopFlag, ctx: DistContext
+    config: TrainConfig, device: torch.device, out: Path | None, opened: OpenedRun, stop: _StopFlag, ctx: DistContext
 ) -> dict:
     from . import data as data_module
 
+    state = opened.state
     dataset = data_module.load_dataset(
         config.dataset,
         config.data_dir,
@@ -399,16 +463,25 @@ def _train(
         start = int(state["epoch"])
         if ctx.is_main:
             log.info("resuming %s at epoch %d of %d", out, start + 1, config.epochs)
+    # Checkpoints keep the run's own values of the settings that only change the arithmetic.
+    saved_config = dict(config.to_dict(), **{k: v for k, v in (opened.recorded or {}).items() if k in NUMERICS_FIELDS})
+    environment = opened.environment or {"threads": torch.get_num_threads(), "device": str(device)}
+    keep_previous = [opened.keep_previous]
+    warnings: list[str] = list(state.get("warnings") or []) if state is not None else []  # kept across resumes
+    writer = None
 
-    def checkpoint(epoch: int) -> None:
-        """Rank 0 writes (with every rank's random state); the others wait for the file."""
+    def save(epoch: int) -> None:
+        """Rank 0 writes the checkpoint (with every rank's random state), then the metrics; every
+        rank learns whether that worked (a collective)."""
         rngs = ctx.gather(rng_state())
-        if ctx.is_main:
+
+        def write() -> None:
             save_checkpoint(
                 {
                     "format": CHECKPOINT_FORMAT,
                     "epoch": epoch,
-                    "config": config.to_dict(),
+                    "config": saved_config,
+                    "environment": environment,
                     "model": model.state_dict(),
                     "optimizer": parts.optimizer.state_dict(),
                     "scheduler": parts.scheduler.state_dict(),
@@ -417,33 +490,34 @@ def _train(
                     "rng_per_rank": rngs if ctx.enabled else None,
                     "world_size": ctx.world_size,
                     "metrics": rows,
+                    "warnings": warnings,
                 },
                 out,
+                keep_previous=keep_previous[0],
             )
-        ctx.barrier()
+            keep_previous[0] = True
+            if writer is not None and epoch > 0:
+                writer.write(rows)
 
-    writer = None
+        _on_main(ctx, write)
+
     if out is not None:
-        if ctx.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            resolved = dict(config.to_dict(), device=str(device), model=config.model)
-            resolved["world_size"] = ctx.world_size
-            resolved["global_batch_size"] = config.batch_size * ctx.world_size
-            resolved["environment"] = {
-                "torch": torch.__version__,
-                "num_train": getattr(dataset, "num_train", None),
-                "num_test": getattr(dataset, "num_test", None),
-                "threads": torch.get_num_threads(),
-                "backend": ctx.backend,
-            }
-            write_text_atomic(out / "config.json", json.dumps(resolved, indent=2) + "\n")
-            writer = MetricsWriter(out)
+
+        def prepare() -> Any:
+            _write_config(out, saved_config, device, ctx, dataset, opened, start)
+            made = MetricsWriter(out)
+            if state is not None:
+                made.write(rows)  # the checkpoint's rows: repairs metrics that are behind or damaged
+            return made
+
+        writer = _on_main(ctx, prepare)
         if state is None:
-            checkpoint(0)
+            save(0)
     end = min(config.epochs, config.stop_after or config.epochs)
     per_epoch = dataset.len_train_batches(config.batch_size, ctx.world_size)
     status = "finished" if end == config.epochs else "stopped"
     desc = f"{config.method} {config.dataset}/{config.model} seed {config.seed}"
+    watch = LossWatch(dataset.info.num_classes, [row.get("train_loss") for row in rows], next(iter(warnings), None))
     try:
         with _progress_bar(per_epoch * max(0, end - start), config.progress and ctx.is_main, desc) as bar:
             for epoch in range(start, end):
@@ -458,13 +532,17 @@ def _train(
                     break
                 train_loss, train_acc = trained
                 rates = balanced_rates(parts.optimizer)  # as the epoch ended (an async rebalance lands mid-epoch)
+                kept = f"the checkpoint of epoch {epoch} in {out}" if out is not None else None
                 if not math.isfinite(train_loss):
-                    raise TempBalanceError(
-                        f"training diverged: train loss {train_loss} in epoch {epoch + 1} "
-                        f"(method {config.method}, lr {config.lr}); lower the learning rate"
-                    )
+                    check_epoch(epoch + 1, {"train loss": train_loss}, model, lr=config.lr, method=config.method,
+                                kept=kept)
                 ctx.sync_buffers(model)  # rank 0's BatchNorm statistics everywhere: what it evaluates and saves
                 test_loss, test_acc = _evaluate(model, evaluate, dataset, config, device, ctx)
+                check_epoch(epoch + 1, {"train loss": train_loss, "test loss": test_loss}, model, lr=config.lr,
+                            method=config.method, kept=kept)
+                warning = watch.observe(epoch + 1, train_loss, config.lr) if ctx.is_main else None
+                if warning:
+                    warnings.append(warning)
                 parts.scheduler.step()
                 row: dict[str, Any] = {
                     "epoch": epoch + 1,
@@ -480,24 +558,24 @@ def _train(
                     row["layer_lr"] = rates
                 rows.append(row)
                 if out is not None:
-                    if writer is not None:
-                        writer.write(rows)
-                    checkpoint(epoch + 1)
+                    save(epoch + 1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{train_loss:.3f}", test_acc=f"{test_acc:.2f}")
     finally:
         if writer is not None:
             writer.close()
     summary = _summary(config, rows, status)
     summary["world_size"] = ctx.world_size
+    if warnings:
+        summary["warnings"] = warnings
     if status == "interrupted":
         summary["signal"] = stop.agreed
-        where = f"; checkpoint of epoch {len(rows)} in {out}, continue with --resume" if out else ""
+        where = f"; checkpoint of epoch {len(rows)} in {out}, continue with {spell('resume')}" if out else ""
         if ctx.is_main:
             log.warning(
                 "interrupted by %s during epoch %d%s", signal.Signals(stop.agreed).name, len(rows) + 1, where
             )
     elif status == "finished" and out is not None and ctx.is_main:
-        write_text_atomic(out / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+        write_json(out / SUMMARY_NAME, summary)
     log.debug(summary_line(summary))
     return summary
 

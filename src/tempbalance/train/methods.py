@@ -5,14 +5,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..regularize import SpectralNormRegularizer
-from .config import TrainConfig
+
+if TYPE_CHECKING:  # config.py imports this registry to validate method names
+    from .config import TrainConfig
 
 __all__ = ["MethodParts", "METHODS", "register_method", "build_method", "global_lr", "balanced_rates"]
 
@@ -35,7 +37,7 @@ class MethodParts:
     balancer: Any = None
 
 
-MethodBuilder = Callable[[nn.Module, TrainConfig], MethodParts]
+MethodBuilder = Callable[[nn.Module, "TrainConfig"], MethodParts]
 METHODS: dict[str, MethodBuilder] = {}
 
 

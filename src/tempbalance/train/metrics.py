@@ -1,6 +1,7 @@
 """Per-epoch metrics of a run: ``metrics.jsonl``, ``metrics.csv`` and (when installed) TensorBoard.
 
 Rows are plain dicts; per-layer values sit in nested ``alpha`` / ``layer_lr`` dicts (flattened in the CSV).
+``metrics.jsonl`` is strict JSON: a non-finite number is written as ``null``.
 """
 
 from __future__ import annotations
@@ -12,15 +13,23 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from .checkpoint import write_text_atomic
+from ..atomic import json_safe, write_atomic
+from ..errors import TempBalanceError
+from .rundir import METRICS_CSV_NAME, METRICS_NAME, TENSORBOARD_DIR
 
-__all__ = ["MetricsWriter", "read_metrics", "flatten_row"]
+__all__ = ["MetricsWriter", "MetricsError", "read_metrics", "flatten_row", "REQUIRED_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
 NESTED_KEYS = ("alpha", "layer_lr")
+# What every row holds (numbers; the report needs them).
+REQUIRED_COLUMNS = ("epoch", "test_acc")
+
+
+class MetricsError(TempBalanceError):
+    """A ``metrics.jsonl`` that cannot be read: the message names the file, the line and why."""
 
 
 def flatten_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +62,7 @@ class MetricsWriter:
         except Exception as error:  # noqa: BLE001 - a broken install (protobuf, numpy) must not stop training
             return self._tensorboard_failed("importing", error)
         try:
-            return SummaryWriter(str(self.directory / "tensorboard"))
+            return SummaryWriter(str(self.directory / TENSORBOARD_DIR))
         except Exception as error:  # noqa: BLE001
             return self._tensorboard_failed("opening", error)
 
@@ -67,9 +76,15 @@ class MetricsWriter:
                 writer.close()
 
     def write(self, rows: list[dict[str, Any]]) -> None:
-        """Rewrite ``metrics.jsonl`` and ``metrics.csv`` from ``rows``; log the last to TensorBoard."""
-        write_text_atomic(self.directory / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-        flat = [flatten_row(row) for row in rows]
+        """Rewrite ``metrics.jsonl`` and ``metrics.csv`` from ``rows``; log the last to TensorBoard.
+
+        Raises:
+            WriteError: a file could not be written (e.g. the disk is full); it names the file.
+        """
+        clean = [json_safe(row) for row in rows]
+        text = "".join(json.dumps(row, allow_nan=False) + "\n" for row in clean)
+        write_atomic(self.directory / METRICS_NAME, text)
+        flat = [flatten_row(row) for row in clean]
         columns: list[str] = []
         for row in flat:
             columns += [key for key in row if key not in columns]
@@ -77,13 +92,13 @@ class MetricsWriter:
         writer = csv.DictWriter(table, fieldnames=columns)
         writer.writeheader()
         writer.writerows(flat)
-        write_text_atomic(self.directory / "metrics.csv", table.getvalue())
-        if self._tb is not None and rows:
+        write_atomic(self.directory / METRICS_CSV_NAME, table.getvalue())
+        if self._tb is not None and clean:
             try:
-                last = flatten_row(rows[-1])
+                last = flatten_row(clean[-1])
                 for key, value in last.items():
-                    if isinstance(value, (int, float)) and key != "epoch":
-                        self._tb.add_scalar(key, value, global_step=int(rows[-1]["epoch"]))
+                    if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+                        self._tb.add_scalar(key, value, global_step=int(clean[-1]["epoch"]))
                 self._tb.flush()
             except Exception as error:  # noqa: BLE001 - a full disk or a broken writer must not stop training
                 self._tensorboard_failed("writing", error)
@@ -97,16 +112,36 @@ class MetricsWriter:
                 self._tensorboard_failed("closing", error)
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def read_metrics(directory: str | os.PathLike) -> list[dict[str, Any]]:
-    """The rows of ``directory/metrics.jsonl`` ([] when missing)."""
-    path = Path(directory) / "metrics.jsonl"
+    """The rows of ``directory/metrics.jsonl`` ([] when missing); ``null`` reads as None.
+
+    Raises:
+        MetricsError: a line that is not a JSON object, or a row without a number in one of
+            :data:`REQUIRED_COLUMNS`; the message names the file and the line.
+    """
+    path = Path(directory) / METRICS_NAME
     if not path.exists():
         return []
-    return [json.loads(line) for line in _lines(path)]
-
-
-def _lines(path: Path) -> Iterable[str]:
-    with open(path) as handle:
-        for line in handle:
-            if line.strip():
-                yield line
+    rows = []
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MetricsError(f"{path} cannot be read ({exc})") from exc
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line, parse_constant=lambda name: None)  # old files: NaN/Infinity -> None
+        except json.JSONDecodeError as exc:
+            raise MetricsError(f"{path}:{number}: not valid JSON ({exc})") from None
+        if not isinstance(row, dict):
+            raise MetricsError(f"{path}:{number}: a row must be a JSON object, got {type(row).__name__}")
+        bad = [key for key in REQUIRED_COLUMNS if not _number(row.get(key))]
+        if bad:
+            raise MetricsError(f"{path}:{number}: no number in {', '.join(bad)}")
+        rows.append(row)
+    return rows

@@ -1,10 +1,14 @@
 """Tables and plots from a directory of finished runs: mean ± std of final and best test accuracy
 per setting and method, paired differences against ``cal``, accuracy curves, alpha / rate heat maps.
+
+Only finished runs whose files agree enter the tables and the plots; unfinished runs are listed,
+and a run whose files cannot be read is listed with the reason (one warning naming the file).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -16,8 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from .loop import SUMMARY_NAME
-from .metrics import read_metrics
+from ..atomic import atomic_path, write_atomic
+from ..errors import ConfigError
+from .metrics import MetricsError, read_metrics
+from .rundir import CONFIG_NAME, inspect_run
 
 __all__ = ["RunResult", "collect_runs", "method_label", "summarize", "to_markdown", "write_report", "BASELINE"]
 
@@ -41,7 +47,11 @@ CSV_COLUMNS = (
 
 @dataclass
 class RunResult:
-    """One run directory: its config, per-epoch metrics and summary (None while unfinished)."""
+    """One run directory: its config, per-epoch metrics and summary (None while unfinished).
+
+    ``problem`` says why the run cannot be used (an unreadable file, files that disagree); such a
+    run is listed in the report but left out of its tables and plots.
+    """
 
     path: Path
     config: dict[str, Any]
@@ -50,10 +60,11 @@ class RunResult:
     setting: str = ""
     method: str = ""
     seed: int = 0
+    problem: str | None = None
 
     @property
     def finished(self) -> bool:
-        return self.summary is not None and self.summary.get("status") == "finished"
+        return self.problem is None and self.summary is not None and self.summary.get("status") == "finished"
 
     @property
     def final_acc(self) -> float:
@@ -64,32 +75,57 @@ class RunResult:
         return max(float(row["test_acc"]) for row in self.metrics)
 
 
+def _read_run(directory: Path) -> RunResult | None:
+    """The run in ``directory`` (None when its config.json is not a run's); a problem is recorded
+    on the result and logged once, naming the file."""
+    config_path = directory / CONFIG_NAME
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        log.warning("skipping %s: %s is not valid JSON (%s)", directory, config_path, exc)
+        return RunResult(directory, {}, [], None, "?", "?", 0, problem=f"{config_path} is not valid JSON")
+    if not isinstance(config, dict) or "method" not in config:
+        return None
+    setting = config.get("tag") or f"{config.get('dataset')}/{config.get('model')}"
+    seed = config.get("seed")
+    run = RunResult(directory, config, [], None, setting, method_label(config), seed if isinstance(seed, int) else 0)
+    if not isinstance(seed, int):
+        run.problem = f"{config_path} has no integer seed"
+    files = inspect_run(directory)
+    run.summary = files.summary
+    try:
+        run.metrics = read_metrics(directory)
+    except MetricsError as exc:
+        run.problem = str(exc)
+    if run.problem is None and files.problems:
+        run.problem = "; ".join(files.problems)
+    if run.problem is None and files.summary and files.summary.get("status") == "finished":
+        if not run.metrics:
+            run.problem = f"{directory / 'metrics.jsonl'} has no rows although the run finished"
+        elif not files.finished:
+            run.problem = f"its files disagree: {files.disagreement()}"
+    if run.problem is not None:
+        log.warning("leaving %s out of the report: %s", directory, run.problem)
+    return run
+
+
 def collect_runs(root: str | Path) -> list[RunResult]:
     """Every run directory under ``root`` (any depth; one with a ``config.json``), sorted by path.
 
-    A run's setting is its ``tag`` (a sweep's setting name) or ``dataset/model``.
+    A run's setting is its ``tag`` (a sweep's setting name) or ``dataset/model``. A run whose files
+    cannot be read, or disagree, is returned with its ``problem`` set.
+
+    Raises:
+        ConfigError: ``root`` does not exist.
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"runs directory {str(root)!r} does not exist")
+        raise ConfigError(f"runs directory {str(root)!r} does not exist")
     runs = []
-    for config_path in sorted(root.rglob("config.json")):
-        directory = config_path.parent
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError:
-            log.warning("skipping %s: config.json is not valid JSON", directory)
-            continue
-        if "method" not in config:
-            continue
-        summary_path = directory / SUMMARY_NAME
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-        setting = config.get("tag") or f"{config.get('dataset')}/{config.get('model')}"
-        runs.append(
-            RunResult(
-                directory, config, read_metrics(directory), summary, setting, method_label(config), int(config["seed"])
-            )
-        )
+    for config_path in sorted(root.rglob(CONFIG_NAME)):
+        run = _read_run(config_path.parent)
+        if run is not None:
+            runs.append(run)
     return runs
 
 
@@ -177,12 +213,13 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: ("" if row[key] is None else row[key]) for key in CSV_COLUMNS})
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: ("" if row[key] is None else row[key]) for key in CSV_COLUMNS})
+    return table.getvalue()
 
 
 def _slug(text: str) -> str:
@@ -190,14 +227,14 @@ def _slug(text: str) -> str:
 
 
 def _plots(runs: list[RunResult], directory: Path) -> list[Path]:
-    """Accuracy curves per setting; alpha, rate and factor heat maps of the lowest seed of each balanced method."""
+    """Accuracy curves per setting; alpha, rate and factor heat maps of the lowest seed of each balanced
+    method; finished runs only (the runs of the tables)."""
     from .. import plots
 
-    directory.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     by_setting: dict[str, dict[str, list[RunResult]]] = {}
     for run in runs:
-        if run.metrics:
+        if run.finished and run.metrics:
             by_setting.setdefault(run.setting, {}).setdefault(run.method, []).append(run)
     for setting, methods in by_setting.items():
         series = {}
@@ -209,7 +246,10 @@ def _plots(runs: list[RunResult], directory: Path) -> list[Path]:
             stds = [statistics.stdev(column) for column in zip(*curves)] if len(curves) > 1 else None
             series[f"{method} (n={len(group)})"] = (epochs, means, stds)
         path = directory / f"{_slug(setting)}_test_acc.png"
-        plots.plot_curves(series, path, xlabel="epoch", ylabel="test accuracy (%)", title=f"{setting}: test accuracy")
+        with atomic_path(path) as tmp:
+            plots.plot_curves(
+                series, tmp, xlabel="epoch", ylabel="test accuracy (%)", title=f"{setting}: test accuracy"
+            )
         written.append(path)
         for method, group in methods.items():
             run = min(group, key=lambda r: r.seed)
@@ -235,10 +275,11 @@ def _heatmaps(plots: Any, run: RunResult, stem: Path) -> list[Path]:
     for suffix, (label, table) in maps.items():
         values = np.array(table, dtype=np.float64)
         path = stem.with_name(f"{stem.name}_{suffix}.png")
-        plots.plot_heatmap(
-            values, layers, epochs, path, title=f"{run.setting} {run.method} seed {run.seed}: per-layer {label}",
-            cbar_label=label,
-        )
+        with atomic_path(path) as tmp:
+            plots.plot_heatmap(
+                values, layers, epochs, tmp, title=f"{run.setting} {run.method} seed {run.seed}: per-layer {label}",
+                cbar_label=label,
+            )
         written.append(path)
     return written
 
@@ -260,28 +301,36 @@ def write_report(root: str | Path, out: str | Path | None = None, plots: bool = 
         out: where the report goes (default: ``root``).
         plots: draw the PNG plots (needs matplotlib).
 
+    Every file is replaced atomically (a failed write leaves the previous report).
+
     Returns:
-        ``{"rows": summary rows, "markdown": text, "files": [paths written], "unfinished": [run dirs]}``.
+        ``{"rows": summary rows, "markdown": text, "files": [paths written], "unfinished": [run dirs],
+        "unusable": [run dirs whose files cannot be used]}``.
     """
     root = Path(root)
     out = Path(out) if out is not None else root
     runs = collect_runs(root)
     if not runs:
-        raise FileNotFoundError(f"no run directories (with config.json) under {str(root)!r}")
+        raise ConfigError(f"no run directories (with config.json) under {str(root)!r}")
     rows = summarize(runs)
-    unfinished = [str(run.path) for run in runs if not run.finished]
+    unfinished = [str(run.path) for run in runs if run.problem is None and not run.finished]
+    unusable = [(str(run.path), run.problem) for run in runs if run.problem is not None]
     markdown = f"# Results under {root}\n\n" + to_markdown(rows)
     if unfinished:
-        markdown += f"\nUnfinished runs (not in the table): {len(unfinished)}\n\n" + "".join(
+        markdown += f"\nUnfinished runs (not in the table or the plots): {len(unfinished)}\n\n" + "".join(
             f"- {path}\n" for path in unfinished
         )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(markdown)
-    _write_csv(rows, out / "report.csv")
-    files = [out / "report.md", out / "report.csv"]
+    if unusable:
+        markdown += f"\nRuns left out because their files cannot be used: {len(unusable)}\n\n" + "".join(
+            f"- {path}: {problem}\n" for path, problem in unusable
+        )
+    files = [write_atomic(out / "report.md", markdown), write_atomic(out / "report.csv", _csv_text(rows))]
     if plots:
         try:
             files += _plots(runs, out / "plots")
         except ImportError as exc:
             log.warning("no plots (%s); the tables are written", exc)
-    return {"rows": rows, "markdown": markdown, "files": [str(path) for path in files], "unfinished": unfinished}
+    return {
+        "rows": rows, "markdown": markdown, "files": [str(path) for path in files], "unfinished": unfinished,
+        "unusable": [path for path, _ in unusable],
+    }

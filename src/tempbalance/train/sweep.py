@@ -1,10 +1,13 @@
 """Grids of training runs (settings x methods x seeds) read from a TOML or JSON file.
 
-A run is finished when its ``summary.json`` exists (skipped); a half-done run is resumed.
+A finished run whose files agree and whose settings are the sweep's is skipped; a half-done run is
+resumed; a run trained by another process right now (its lock is held) is left to it, so several
+processes may run the same sweep at once. A run whose recorded settings differ is stale.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tomllib
@@ -12,16 +15,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..errors import ConfigError, TempBalanceError
-from .config import TrainConfig
-from .loop import SUMMARY_NAME, run_training
+from ..atomic import WriteError
+from ..errors import ConfigError, Placeholder, TempBalanceError, spell
+from .config import TrainConfig, parse_value
+from .data.loading import check_data_source
+from .devices import resolve_device
+from .distributed_run import detect_launch
+from .loop import run_training
+from .rundir import inspect_run, recorded_settings
+from .runlock import RunLockedError, lock_holder
 
-__all__ = ["SweepRun", "load_sweep", "expand_sweep", "parse_override", "run_status", "run_sweep"]
+__all__ = [
+    "SweepRun", "STATUSES", "load_sweep", "expand_sweep", "parse_override", "run_status", "check_runs", "run_sweep",
+]
 
 log = logging.getLogger(__name__)
 
 TOP_LEVEL_KEYS = ("name", "description", "out", "seeds", "base", "methods", "settings")
 SETTING_KEYS = ("name", "methods")
+# Settings the sweep itself sets for every run (the run directory is named after them): not overridable.
+SWEEP_OWNED = {
+    "method": lambda: "the sweep file's methods choose it",
+    "seed": lambda: f"{spell('seeds', Placeholder('[...]'))} chooses the seeds",
+    "tag": lambda: "it is the setting's name",
+    "resume": lambda: "a sweep always resumes half-done runs",
+    "overwrite": lambda: f"{spell('rerun_stale')} retrains runs whose settings changed",
+}
+# What run_status returns.
+STATUSES = ("new", "partial", "done", "stale", "running")
 
 
 @dataclass
@@ -62,7 +83,7 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"sweep file {str(path)!r} does not exist")
+        raise ConfigError(f"sweep file {str(path)!r} does not exist")
     if path.suffix == ".toml":
         with open(path, "rb") as handle:
             try:
@@ -87,11 +108,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override {text!r} must look like key=value (e.g. epochs=2)")
-    try:
-        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        parsed = value.strip()
-    return key, parsed
+    return key, parse_value(value)
 
 
 def _method_table(methods: Any, where: str) -> dict[str, dict[str, Any]]:
@@ -127,6 +144,13 @@ def expand_sweep(
     if unknown:
         raise ConfigError(f"unknown sweep key(s) {unknown}; accepted: {', '.join(TOP_LEVEL_KEYS)}")
     extra = dict(parse_override(item) for item in overrides) if not isinstance(overrides, dict) else dict(overrides)
+    owned = sorted(set(extra) & set(SWEEP_OWNED))
+    if owned:
+        key = owned[0]
+        raise ConfigError(
+            f"cannot override {key!r} for every run of a sweep ({SWEEP_OWNED[key]()}); the sweep names its "
+            "run directories after the setting, method and seed"
+        )
     seeds = extra.pop("seeds", spec.get("seeds", [43]))
     if isinstance(seeds, int):
         seeds = [seeds]
@@ -158,35 +182,113 @@ def expand_sweep(
 
 
 def run_status(run: SweepRun) -> str:
-    """``"done"`` (summary.json exists), ``"partial"`` (a checkpoint exists) or ``"new"``."""
-    if (run.out / SUMMARY_NAME).exists():
-        return "done"
-    if (run.out / "checkpoint.pt").exists() or (run.out / "checkpoint.prev.pt").exists():
-        return "partial"
-    return "new"
+    """Where a run stands, one of :data:`STATUSES`:
+
+    - ``"running"``: another process holds its lock and trains it now;
+    - ``"stale"``: its directory holds a run whose recorded settings differ from the run's now
+      (e.g. other ``epochs``): skipped unless retrained with ``rerun_stale``;
+    - ``"done"``: finished, and ``summary.json``, the last ``metrics.jsonl`` row and the final
+      checkpoint agree;
+    - ``"partial"``: a run with these settings to continue (a checkpoint, or files that disagree);
+    - ``"new"``: nothing there yet.
+    """
+    if lock_holder(run.out) is not None:
+        return "running"
+    files = inspect_run(run.out)
+    if not files.present:
+        return "new"
+    recorded = recorded_settings(run.out)
+    if recorded is not None and run.config.differences(recorded):
+        return "stale"
+    return "done" if files.finished else "partial"
 
 
-def run_sweep(runs: list[SweepRun]) -> list[dict[str, Any]]:
+def check_runs(runs: list[SweepRun]) -> None:
+    """Check, once before any run starts, that every device exists here and every data directory
+    holds its data set (each distinct one once).
+
+    Raises:
+        ConfigError: naming the problem and how many of the runs it concerns.
+    """
+    checks: dict[tuple, list[SweepRun]] = {}
+    for run in runs:
+        if detect_launch() is None:
+            checks.setdefault(("device", run.config.device), []).append(run)
+        checks.setdefault(("data", run.config.dataset, run.config.data_dir, run.config.download), []).append(run)
+    for key, concerned in checks.items():
+        try:
+            if key[0] == "device":
+                resolve_device(key[1])
+            else:
+                check_data_source(*key[1:])
+        except ConfigError as exc:
+            share = "every run" if len(concerned) == len(runs) else f"{len(concerned)} of {len(runs)} runs"
+            raise ConfigError(f"{exc} ({share} of the sweep, e.g. {concerned[0].out})") from None
+
+
+def _label(run: SweepRun) -> str:
+    return f"{run.setting} {run.method} seed {run.seed}"
+
+
+def _record(run: SweepRun, status: str, **extra: Any) -> dict[str, Any]:
+    return {"status": status, "setting": run.setting, "method": run.method, "seed": run.seed,
+            "out": str(run.out), **extra}
+
+
+def run_sweep(runs: list[SweepRun], *, rerun_stale: bool = False) -> list[dict[str, Any]]:
     """Run every unfinished run in order (resuming half-done ones); stop early if one is interrupted.
 
-    A run that fails (diverges, or its directory holds a run with other settings) is logged and
-    reported with ``status`` ``"failed"`` and ``error``; the sweep goes on.
+    Devices and data directories are checked for every run before the first one starts. A run
+    another process is training (its lock is held) is skipped; so is a stale run (recorded
+    settings differ from the sweep's), unless ``rerun_stale`` retrains it from scratch. A run that
+    fails (diverges, say) is logged and the sweep goes on, except when the disk is full.
 
-    Returns the summaries of all runs reached (finished ones read from their ``summary.json``).
+    Returns:
+        One dict per run reached: the summary of finished ones (read from their ``summary.json``),
+        else ``{"status": "failed" | "skipped" | "stale", "setting", "method", "seed", "out",
+        "reason"}`` (``error`` for failures).
+
+    Raises:
+        ConfigError: a device or data directory that does not work for some of the runs.
     """
+    check_runs(runs)
     summaries = []
     for number, run in enumerate(runs, 1):
+        where = f"[{number}/{len(runs)}] {run.out}"
         status = run_status(run)
         if status == "done":
-            log.info("[%d/%d] %s: done, skipped", number, len(runs), run.out)
-            summaries.append(json.loads((run.out / SUMMARY_NAME).read_text()))
+            log.info("%s: done, skipped", where)
+            summaries.append(inspect_run(run.out).summary)
             continue
-        log.info("[%d/%d] %s: %s", number, len(runs), run.out, "resuming" if status == "partial" else "starting")
+        if status == "running":
+            reason = f"trained by another process ({lock_holder(run.out) or 'it just finished'})"
+            log.info("%s: %s, skipped", where, reason)
+            summaries.append(_record(run, "skipped", reason=reason))
+            continue
+        config = run.config
+        if status == "stale":
+            recorded = recorded_settings(run.out) or {}
+            reason = f"its recorded settings differ ({'; '.join(config.differences(recorded))})"
+            if not rerun_stale:
+                log.warning("%s: stale, skipped: %s", where, reason)
+                summaries.append(_record(run, "stale", reason=reason))
+                continue
+            log.info("%s: stale: %s; training it again from the start", where, reason)
+            config = dataclasses.replace(config, resume=False, overwrite=True)
+        else:
+            log.info("%s: %s", where, "resuming" if status == "partial" else "starting")
         try:
-            summary = run_training(run.config)
+            summary = run_training(config)
+        except RunLockedError as exc:  # another process took it a moment ago
+            log.info("%s: skipped: %s", where, exc)
+            summary = _record(run, "skipped", reason=f"trained by another process ({exc.holder})")
         except TempBalanceError as exc:  # e.g. a diverged run: record it, go on with the others
-            log.error("[%d/%d] %s failed: %s", number, len(runs), run.out, exc)
-            summary = {"status": "failed", "error": str(exc), "method": run.method, "seed": run.seed}
+            log.error("%s failed: %s", where, exc)
+            summary = _record(run, "failed", error=str(exc))
+            if isinstance(exc, WriteError) and exc.disk_full:
+                summaries.append(summary)
+                log.error("the disk is full: stopping the sweep; free some space and rerun the same command")
+                break
         summaries.append(summary)
         if summary["status"] == "interrupted":
             log.warning("sweep interrupted; rerun the same command to continue")

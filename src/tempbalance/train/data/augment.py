@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from ...errors import ConfigError
 from .sharding import STREAM_AUGMENT, make_generator
 
 if TYPE_CHECKING:
@@ -142,6 +143,6 @@ def augmented_batches(
         else:
             dy, dx, flip = next(draws)
             if dy.shape[0] != raw.shape[0]:
-                raise ValueError(f"batch_sizes gave {dy.shape[0]} examples for a batch of {raw.shape[0]}")
+                raise ConfigError(f"batch_sizes gave {dy.shape[0]} examples for a batch of {raw.shape[0]}")
             raw = flip_where(crop_at(raw, info.padding, dy, dx), flip)
         yield normalize(raw, info.pixel_scale, mean, std), y

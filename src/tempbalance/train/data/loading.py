@@ -12,7 +12,7 @@ from typing import Callable, Union
 
 import torch
 
-from ...errors import ConfigError
+from ...errors import ConfigError, Placeholder, spell
 from .folder import FolderDataset
 from .memory import InMemoryDataset
 from .readers import (
@@ -26,27 +26,120 @@ from .readers import (
     read_svhn,
     resolve_cache_dir,
 )
-from .registry import dataset_info
+from .registry import DATASETS, dataset_info
 from .sharding import check_fraction
 from .tinyimagenet import check_tinyimagenet, find_tinyimagenet_root, prepare_tinyimagenet
 
-__all__ = ["Dataset", "load_dataset", "LOADERS"]
+__all__ = ["Dataset", "load_dataset", "check_data_source", "LOADERS"]
 
 log = logging.getLogger(__name__)
 
 Dataset = Union[InMemoryDataset, FolderDataset]
 
 
-def _need_dir(name: str, data_dir: str | os.PathLike | None, download: bool) -> Path:
+def _need_dir(name: str, data_dir: str | os.PathLike | None, download: bool, *, create: bool = True) -> Path:
     if data_dir is None:
-        raise ConfigError(f"{name} needs a data directory: pass data_dir / --data-dir (add --download to fetch it)")
+        raise ConfigError(
+            f"{name} needs a data directory: pass {spell('data_dir', Placeholder('DIR'))} "
+            f"(with {spell('download')} to fetch {name} into it)"
+        )
     path = Path(data_dir).expanduser()
     if not path.is_dir():
-        if download:
+        if not download:
+            raise ConfigError(
+                f"{name}: data directory {path} does not exist "
+                f"(with {spell('download')} it is created and {name} fetched)"
+            )
+        if create:
             path.mkdir(parents=True, exist_ok=True)
-        else:
-            raise ConfigError(f"{name}: data directory {path} does not exist (pass --download to create it and fetch {name})")
     return path
+
+
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _check_class_count(name: str, folder: Path) -> None:
+    """Refuse an image folder whose number of class folders is not the data set's."""
+    info = dataset_info(name)
+    expected = info.num_classes
+    found = len(_class_folders(folder))
+    if found != expected:
+        others = [
+            other.name for other in DATASETS.values()
+            if other.num_classes == found and other.name != name
+            and (other.in_channels, other.image_size) == (info.in_channels, info.image_size)
+        ]
+        hint = f" (a folder of {' or '.join(others)}?)" if others else ""
+        raise ConfigError(
+            f"{name} has {expected} classes but {folder} holds {found} class folders{hint}; "
+            f"pass {name}'s own folder as {spell('data_dir', Placeholder('DIR'))}"
+        )
+
+
+# name -> (torchvision's folder, the files in it, the other CIFAR's folder)
+_PICKLE_FOLDERS = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "cifar-100-python"),
+    "cifar100": ("cifar-100-python", ["train", "test"], "cifar-10-batches-py"),
+}
+
+
+def _check_pickled(name: str, root: Path, download: bool) -> None:
+    folder_name, files, other = _PICKLE_FOLDERS[name]
+    folder = root if root.name == folder_name else root / folder_name
+    if folder.is_dir():
+        absent = [f for f in files if not (folder / f).is_file()]
+        if absent and not download:
+            raise ConfigError(
+                f"{name}: missing {', '.join(absent)} in {folder}; with {spell('download')} they are fetched"
+            )
+    elif has_image_folder(root):
+        _check_class_count(name, root / "train")
+        if not (root / "test").is_dir():
+            raise ConfigError(f"{name}: image-folder copy {root} has train/ but no test/ folder")
+    elif download:
+        return
+    elif root.name == other or (root / other).is_dir():
+        raise ConfigError(
+            f"{name}: {root} holds {other}/ (the other CIFAR), not {folder_name}/; pass {name}'s own folder"
+        )
+    else:
+        raise ConfigError(
+            f"{name}: no data in {root}: expected {root / folder_name}/ (torchvision's files; with "
+            f"{spell('download')} they are fetched) or an image-folder copy {root}/train/<class>/ and "
+            f"{root}/test/<class>/"
+        )
+
+
+def check_data_source(name: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> None:
+    """Check, without reading any image, that ``data_dir`` holds data set ``name`` (or that
+    ``download`` may fetch it there): the directory exists, the expected files or folders are
+    there, and an image folder has the data set's number of classes.
+
+    Raises:
+        ConfigError: naming the directory, what was expected and what was found.
+    """
+    info = dataset_info(name)
+    if name in ("mnist1d", "digits"):
+        return
+    root = _need_dir(name, data_dir, download, create=False)
+    if not root.is_dir():
+        return  # download creates it
+    if name in _PICKLE_FOLDERS:
+        _check_pickled(name, root, download)
+    elif name == "svhn":
+        if has_image_folder(root):
+            _check_class_count(name, root / "train")
+        elif not download:
+            absent = [f for f in ("train_32x32.mat", "test_32x32.mat") if not (root / f).is_file()]
+            if absent:
+                raise ConfigError(
+                    f"svhn: missing {', '.join(absent)} in {root}; with {spell('download')} they are fetched"
+                )
+    elif name == "tinyimagenet" and not download:
+        tiny = find_tinyimagenet_root(root)
+        check_tinyimagenet(tiny)
+        _check_class_count(info.name, tiny / "train")
 
 
 def _torchvision_download(name: str, root: Path) -> None:
@@ -64,23 +157,18 @@ def _torchvision_download(name: str, root: Path) -> None:
 
 
 def _pickled(name: str, folder_name: str, reader: Callable[[Path], ArraySplits]):
-    """Loader for a torchvision pickle set that also accepts an image-folder copy."""
+    """Loader for a torchvision pickle set that also accepts an image-folder copy
+    (:func:`check_data_source` has checked the directory)."""
 
     def load(data_dir, download: bool, cache_dir) -> ArraySplits:
         root = _need_dir(name, data_dir, download)
-        if root.name == folder_name:
-            return reader(root)
-        if (root / folder_name).is_dir():
-            return reader(root / folder_name)
+        folder = root if root.name == folder_name else root / folder_name
+        if folder.is_dir():
+            return reader(folder)
         if has_image_folder(root):
             return cached_image_folder(root, name, resolve_cache_dir(root, cache_dir))
-        if download:
-            _torchvision_download(name, root)
-            return reader(root / folder_name)
-        raise ConfigError(
-            f"{name}: no data in {root}: expected {root / folder_name}/ (torchvision's files; pass --download "
-            f"to fetch them) or an image-folder copy {root}/train/<class>/ and {root}/test/<class>/"
-        )
+        _torchvision_download(name, root)
+        return reader(root / folder_name)
 
     return load
 
@@ -148,6 +236,7 @@ def load_dataset(
         ``len_train_batches``.
     """
     info = dataset_info(name)
+    check_data_source(name, data_dir, download)
     train_fraction = check_fraction(train_fraction)
     try:
         device = torch.device(device)

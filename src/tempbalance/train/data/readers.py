@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import ConfigError
+from ...atomic import write_atomic
+from ...errors import ConfigError, spell
 
 __all__ = [
     "ArraySplits",
@@ -76,7 +77,7 @@ def resolve_cache_dir(data_dir: str | os.PathLike | None = None, cache_dir: str 
 
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(path)
+        raise ConfigError(f"{path} does not exist")
     with open(path, "rb") as handle:
         raw = pickle.load(handle, encoding="latin1")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
@@ -95,7 +96,7 @@ def read_cifar10(folder: Path) -> ArraySplits:
     """Read torchvision's ``cifar-10-batches-py`` folder (data_batch_1..5, test_batch, batches.meta)."""
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     if not all((folder / n).is_file() for n in names):
-        raise _missing("cifar10", folder, names, "pass --download (download=True) to fetch CIFAR-10")
+        raise _missing("cifar10", folder, names, f"with {spell('download')} it is fetched")
     train = [_unpickle(folder / n) for n in names[:5]]
     test = _unpickle(folder / "test_batch")
     meta = folder / "batches.meta"
@@ -112,7 +113,7 @@ def read_cifar10(folder: Path) -> ArraySplits:
 def read_cifar100(folder: Path) -> ArraySplits:
     """Read torchvision's ``cifar-100-python`` folder (train, test, meta); fine labels."""
     if not all((folder / n).is_file() for n in ("train", "test")):
-        raise _missing("cifar100", folder, ["train", "test"], "pass --download (download=True) to fetch CIFAR-100")
+        raise _missing("cifar100", folder, ["train", "test"], f"with {spell('download')} it is fetched")
     train, test = _unpickle(folder / "train"), _unpickle(folder / "test")
     meta = folder / "meta"
     classes = [str(c) for c in _unpickle(meta)["fine_label_names"]] if meta.is_file() else [str(i) for i in range(100)]
@@ -129,7 +130,7 @@ def read_svhn(folder: Path) -> ArraySplits:
     """Read torchvision's SVHN files ``train_32x32.mat`` / ``test_32x32.mat`` (label 10 means digit 0)."""
     names = ["train_32x32.mat", "test_32x32.mat"]
     if not all((folder / n).is_file() for n in names):
-        raise _missing("svhn", folder, names, "pass --download (download=True) to fetch SVHN")
+        raise _missing("svhn", folder, names, f"with {spell('download')} it is fetched")
     try:
         from scipy.io import loadmat
     except ImportError as exc:  # pragma: no cover - scipy comes with scikit-learn
@@ -233,10 +234,7 @@ def _folder_fingerprint(root: Path) -> str:
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
-    os.replace(tmp, path)
+    write_atomic(path, lambda handle: np.savez(handle, **arrays))
 
 
 def cached_image_folder(root: Path, name: str, cache_dir: Path) -> ArraySplits:

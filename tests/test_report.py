@@ -112,3 +112,17 @@ def test_report_on_a_tiny_real_sweep(tiny_sweep, tmp_path, capsys):
     assert {"mnist1d_tb_seed1_alpha.png", "mnist1d_tb_seed1_lr.png", "mnist1d_tb_seed1_factor.png"} <= set(pngs)
     assert not any(name.startswith("mnist1d_cal_seed1_") for name in pngs)  # cal has no per-layer alphas
     assert all((out / "plots" / name).stat().st_size > 1000 for name in pngs)
+
+
+def test_runs_of_one_method_with_other_settings_are_separate_rows(tmp_path):
+    for seed in (1, 2):
+        fake_run(tmp_path, "s", "cal", seed, [60.0 + seed])
+        fake_run(tmp_path / "narrow", "s", "tb", seed, [70.0 + seed])
+        fake_run(tmp_path / "wide", "s", "tb", seed, [50.0 + seed])
+    for path in (tmp_path / "narrow").rglob("config.json"):
+        config = json.loads(path.read_text())
+        path.write_text(json.dumps(dict(config, s1=0.8, s2=1.2)))
+    rows = {row["method"]: row for row in summarize(collect_runs(tmp_path))}
+    assert set(rows) == {"cal", "tb[s1=0.8,s2=1.2]", "tb[s1=0.5,s2=1.5]"}  # never one "tb" row averaging both
+    assert rows["tb[s1=0.8,s2=1.2]"]["final_mean"] == pytest.approx(71.5)
+    assert rows["tb[s1=0.5,s2=1.5]"]["diff_vs_cal_mean"] == pytest.approx(-10.0)

@@ -235,3 +235,19 @@ def test_a_failing_run_does_not_stop_the_sweep(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1/2 runs finished, 1 failed" in out and "diverged" in out
     assert (tmp_path / "runs" / "fine" / "cal" / "seed3" / "summary.json").exists()
+
+
+def test_a_method_entry_can_name_a_variant_of_a_method(tmp_path):
+    spec = {
+        "name": "v", "seeds": [1], "base": {"dataset": "mnist1d", "epochs": 1},
+        "methods": {"cal": {}, "tb": {}, "tb-farms": {"method": "tb", "esd": "farms"}, "tb-narrow": {"method": "tb", "s1": 0.8, "s2": 1.2}},
+    }
+    runs = {run.method: run for run in expand_sweep(spec, out=tmp_path)}
+    assert set(runs) == {"cal", "tb", "tb-farms", "tb-narrow"}
+    assert runs["tb-farms"].config.method == "tb" and runs["tb-farms"].config.esd == "farms"
+    assert runs["tb-narrow"].config.s1 == 0.8 and runs["tb-narrow"].out == tmp_path / "default" / "tb-narrow" / "seed1"
+    assert runs["cal"].config.method == "cal" and runs["tb"].config.esd == "full"
+    with pytest.raises(ConfigError, match="plain name"):
+        expand_sweep(dict(spec, methods={"tb/../x": {"method": "tb"}}), out=tmp_path)
+    with pytest.raises(ConfigError, match="unknown method 'tbb'"):
+        expand_sweep(dict(spec, methods={"v": {"method": "tbb"}}), out=tmp_path)

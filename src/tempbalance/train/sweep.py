@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,11 @@ STATUSES = ("new", "partial", "done", "stale", "running")
 
 @dataclass
 class SweepRun:
-    """One run of a sweep: where it belongs (setting, method, seed) and its full config."""
+    """One run of a sweep: where it belongs (setting, method, seed) and its full config.
+
+    ``method`` is the sweep's name of the method entry (the run directory's name); the training
+    method is ``config.method`` (the same unless the entry sets ``method`` itself).
+    """
 
     setting: str
     method: str
@@ -78,8 +83,10 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
         [settings.methods]               # this setting's methods and their own overrides
         cal = { lr = 0.1 }
         "tb+snr" = { lr = 0.1, snr_coef = 0.001, s1 = 0.6, s2 = 1.4 }
+        "tb-farms" = { method = "tb", esd = "farms" }   # a named variant of a method
 
-    Run directories are ``out/<setting>/<method>/seed<seed>``.
+    Run directories are ``out/<setting>/<entry>/seed<seed>``, where an entry is a method name or
+    a variant's own name (an entry with a ``method`` key: any name, the method it trains).
     """
     path = Path(path)
     if not path.is_file():
@@ -112,13 +119,21 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _method_table(methods: Any, where: str) -> dict[str, dict[str, Any]]:
+    """Entry name -> its settings, ``method`` included (the entry's name unless it names one)."""
     if isinstance(methods, list):
-        return {str(name): {} for name in methods}
+        return {str(name): {"method": str(name)} for name in methods}
     if isinstance(methods, dict):
+        table = {}
         for name, overrides in methods.items():
             if not isinstance(overrides, dict):
                 raise ConfigError(f"{where}: method {name!r} must map to a table of settings, got {overrides!r}")
-        return methods
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+_-]*", str(name)):
+                raise ConfigError(
+                    f"{where}: method entry {name!r} must be a plain name (letters, digits, . + _ -): it names the "
+                    "run directories"
+                )
+            table[str(name)] = {"method": str(name), **overrides}
+        return table
     raise ConfigError(f"{where}: methods must be a list of names or a table name -> settings, got {methods!r}")
 
 
@@ -172,7 +187,7 @@ def expand_sweep(
         values = {key: value for key, value in setting.items() if key not in SETTING_KEYS}
         for method, method_values in methods.items():
             for seed in seeds:
-                merged = {**base, **values, **method_values, "method": method, "seed": seed, "tag": name}
+                merged = {**base, **values, **method_values, "seed": seed, "tag": name}
                 merged.update(extra)
                 merged["out"] = str(root / name / method / f"seed{seed}")
                 merged["resume"] = True

@@ -96,9 +96,10 @@ class ThreadMeasurement:
         assert future is not None and label is not None
         return label, future.result()
 
-    def close(self) -> None:
-        """Drop any pending result and stop the worker thread (after its current measurement)."""
+    def close(self, wait: bool = True) -> None:
+        """Drop any pending result and stop the worker thread; with ``wait``, return once it has
+        ended (after the measurement it is running, if any)."""
         self._future, self._label = None, None
         if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor.shutdown(wait=wait, cancel_futures=True)
             self._executor = None

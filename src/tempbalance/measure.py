@@ -39,8 +39,9 @@ class Measurement(Protocol):
     def wait(self) -> Result | None:
         """``(label, records)`` of the submitted measurement (blocking until done), or None."""
 
-    def close(self) -> None:
-        """Drop any pending result and release what the measurement holds (threads)."""
+    def close(self, wait: bool = True) -> None:
+        """Drop any pending result and release what the measurement holds (a thread: joined
+        with ``wait``)."""
 
 
 class SynchronousMeasurement:
@@ -67,7 +68,7 @@ class SynchronousMeasurement:
         result, self._result = self._result, None
         return result
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         self._result = None
 
 
@@ -147,7 +148,7 @@ class MeasurementRuns:
         """After loading a state: drop what is in flight; redo ``label``'s measurement (if any)
         at the next optimizer step."""
         if self._current.pending is not None:
-            self._current.close()
+            self._current.close(wait=False)
         self._resume = label
         if label is not None:
             self._register_hook()

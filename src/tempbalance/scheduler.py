@@ -259,8 +259,9 @@ class TempBalance(LRScheduler):
         self._last_lr = [g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in self.optimizer.param_groups]
 
     def close(self) -> None:
-        """Stop the worker thread (a pending measurement is dropped) and remove the optimizer
-        hook. The scheduler stays usable; later measurements are synchronous."""
+        """Stop the worker thread (after the measurement it is running, whose result is dropped)
+        and remove the optimizer hook. The scheduler stays usable; later measurements are
+        synchronous."""
         self._runs.close()
 
     def __enter__(self) -> "TempBalance":

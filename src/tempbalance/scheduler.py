@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from .analysis import AnalysisOptions, LayerRecord
 from .errors import ConfigError
 from .groups import LAYER_KEY
-from .history import STATE_VERSION, TARGET_STATE_KEYS, LayerBalance, Rebalance, check_state, upgrade_config
+from .history import STATE_VERSION, LayerBalance, Rebalance, check_state, upgrade_config
 from .measure import MeasurementRuns
 from .regroup import check_base_scheduler, plan_for_optimizer
 from .rule import BalanceRule, build_assignment
@@ -38,6 +38,20 @@ _ANALYSIS_KEYS = tuple(f.name for f in fields(AnalysisOptions) if f.name not in 
 def _world_size() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _label(fn: Any) -> str:
+    return fn if isinstance(fn, str) else getattr(fn, "__name__", "custom")
+
+
+def _analysis_options(fit: str, conv_mode: str, options: dict[str, Any]) -> AnalysisOptions:
+    unknown = sorted(set(options) - set(_ANALYSIS_KEYS))
+    if unknown:
+        raise TypeError(f"TempBalance got unknown option(s) {unknown}; analysis options accepted: {list(_ANALYSIS_KEYS)}")
+    try:
+        return AnalysisOptions(fit=fit, conv_mode=conv_mode, **{"precision": "float64", **options})
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _count(key: str, value: Any, low: int) -> int:
@@ -59,52 +73,41 @@ class TempBalance(LRScheduler):
             train_one_epoch(model, optimizer)
             scheduler.step()                                                       # (3)
 
-    Each balanced layer ``i`` gets ``lr_i = untuned_lr * factor_i`` (``balance="lr"``) and/or
-    ``weight_decay_i = untuned_weight_decay * wd_factor_i`` (``"weight_decay"``: AlphaDecay); the
-    untuned values are what the schedule (and the user) set, each group's own. The factors come
-    from one metric per layer (default: the median-Hill alpha) through each target's assignment
-    function (default: the published linear map, smallest alpha -> ``s1``, largest -> ``s2``;
-    larger alpha, larger rate and larger weight decay). They are recomputed on construction
-    (unless ``warmup``) and then every ``interval`` calls of :meth:`step`. A norm layer takes
-    the factors of the layer it follows. Use as a context manager (or call :meth:`close`) to
-    release the worker thread and the optimizer hook.
+    Each balanced layer ``i`` gets ``lr_i = untuned_lr * factor_i`` and/or ``weight_decay_i =
+    untuned_weight_decay * wd_factor_i`` (AlphaDecay), the untuned values being what the schedule
+    and the user set, each group's own. The factors come from one metric per layer (default: the
+    median-Hill alpha) through each target's map (default: the published linear map, smallest
+    alpha -> ``s1``, largest -> ``s2``), on construction (unless ``warmup``) and then every
+    ``interval`` calls of :meth:`step`. A norm layer takes the factors of its layer.
 
     Args:
-        model: the model being trained (DDP / torch.compile wrappers are unwrapped). Its weights
-            must be materialised (not on the ``meta`` device).
-        optimizer: a torch optimizer (or wrapper, e.g. timm's Lookahead) built from
-            :func:`tempbalance.param_groups`, which records the layer selection; or one built from
-            ``model.parameters()`` whose state is still empty: it is split here into per-layer
-            groups (the base scheduler's per-group lists re-indexed).
-        base_scheduler: the global schedule, already constructed on ``optimizer`` (any torch
-            scheduler, incl. SequentialLR, OneCycleLR, ReduceLROnPlateau). Step only TempBalance.
+        model: the model (DDP / torch.compile wrappers are unwrapped), weights materialised.
+        optimizer: a torch optimizer (or wrapper, e.g. timm's Lookahead) on
+            :func:`tempbalance.param_groups`, which records the layer selection; or one on
+            ``model.parameters()`` with no state yet, split here into per-layer groups.
+        base_scheduler: the global schedule, constructed on ``optimizer`` (any torch scheduler);
+            step only TempBalance.
         balance: ``"lr"`` (default), ``"weight_decay"`` or ``("lr", "weight_decay")``.
-        assign, s1, s2, assign_options: the learning rate's map: ``"linear"`` (default),
-            ``"sqrt"``, ``"log2"``, ``"step"``, ``"sigmoid"``, the reference's names, or
-            ``fn(values)`` / ``fn(values, names=...)``; ``s1 <= s2`` (default 0.5 / 1.5) bound
-            ``"linear"`` and ``"step"`` (always checked); other options in ``assign_options``.
-        wd_assign, wd_s1, wd_s2, wd_assign_options: the same for the weight decay (AlphaDecay's
-            linear map onto [0.5, 1.5] x the untuned weight decay by default).
-        normalize: ``"mean"``: divide each target's factors by their mean (average factor 1);
-            default None (``"none"``): as the map gives them.
-        metric: ``"alpha"`` (default), ``"alpha_weighted"`` (``"alphahat"``), ``"spectral_norm"``,
-            a registered name, or ``fn(record) -> float``.
-        interval, warmup: rebalance every ``interval`` calls of :meth:`step` (default 1), after
-            ``warmup`` calls with every factor 1 (default 0: rebalance on construction).
-        remove_first, remove_last, eigs_thresh, norm_follows, types, conv_mode: the layer
-            selection (:class:`tempbalance.LayerSelection`); default: the one the groups record
-            (given to ``param_groups``), else the library defaults. Given here as well, they
-            must equal the recorded ones.
-        split_qkv: measure each fused q/k/v projection as its three matrices, the layer's metric
-            being their mean (default False).
-        not_in_optimizer: ``"error"`` (default): a balanced layer with no parameter in the
-            optimizer is refused; ``"skip"``: it is left out of the balance, with a warning.
-        fit: power-law fit, ``"median"`` (default), ``"ks"``, ``"fix-finger"``.
-        asynchronous: measure a host copy of the weights on a worker thread (default False);
-            the factors take effect before the first optimizer step after it finishes. Single
-            process only; runs are then not bit-for-bit repeatable (``history[i].lag_steps``).
-        **analysis_options: fields of :class:`tempbalance.AnalysisOptions` (``xmin_pos``,
-            ``hill``, ``precision`` (default ``"float64"`` here), ``conv_norm``, ...).
+        assign, s1, s2, assign_options: the rate's map (``"linear"`` (default), ``"sqrt"``,
+            ``"log2"``, ``"step"``, ``"sigmoid"``, the reference's names, ``fn(values)`` or
+            ``fn(values, names=...)``); ``0 < s1 <= s2`` (default 0.5 / 1.5), always checked.
+        wd_assign, wd_s1, wd_s2, wd_assign_options: the weight decay's map, the same way.
+        normalize: ``"mean"``: each target's factors divided by their mean; default None.
+        metric: ``"alpha"`` (default), ``"alpha_weighted"``, ``"spectral_norm"``, ... or ``fn(record)``.
+        interval, warmup: rebalance every ``interval`` steps (default 1) after ``warmup`` steps
+            with every factor 1 (default 0).
+        remove_first, remove_last, eigs_thresh, norm_follows, types, conv_mode: the selection
+            (:class:`tempbalance.LayerSelection`); default: the one the groups record, else the
+            library's. Given here too, they must equal the recorded ones.
+        split_qkv: measure a fused q/k/v projection as its three matrices (metric: their mean).
+        not_in_optimizer: ``"error"`` (default) or ``"skip"``: a balanced layer without a
+            parameter in the optimizer is refused, or left out of the balance with a warning.
+        fit: ``"median"`` (default), ``"ks"``, ``"fix-finger"``.
+        asynchronous: measure a host copy of the weights on a worker thread; the factors land
+            before the first optimizer step after it finishes (single process; not bit-for-bit
+            repeatable; ``history[i].lag_steps``). Release it with :meth:`close` or ``with``.
+        **analysis_options: fields of :class:`tempbalance.AnalysisOptions` (``precision`` is
+            ``"float64"`` by default here).
 
     Attributes:
         history: one :class:`Rebalance` per rebalance.
@@ -139,13 +142,12 @@ class TempBalance(LRScheduler):
                      "norm_follows": norm_follows, "types": types, "conv_mode": conv_mode}
         self.plan = plan_for_optimizer(model, optimizer, base_scheduler, selection, split_qkv=split_qkv,
                                        not_in_optimizer=not_in_optimizer)
-        analysis = self._analysis_options(fit, self.plan.selection.conv_mode, analysis_options)
+        analysis = _analysis_options(fit, self.plan.selection.conv_mode, analysis_options)
         self._groups = BalancedGroups(optimizer, targets)
-        name = lambda fn: fn if isinstance(fn, str) else getattr(fn, "__name__", "custom")  # noqa: E731
         self._config = {
-            "assign": name(assign), "s1": s1, "s2": s2, "assign_options": dict(assign_options or {}),
+            "assign": _label(assign), "s1": s1, "s2": s2, "assign_options": dict(assign_options or {}),
             "metric": self.metric_name, "interval": self.interval, "warmup": self.warmup,
-            "balance": [t.name for t in targets], "wd_assign": name(wd_assign), "wd_s1": wd_s1, "wd_s2": wd_s2,
+            "balance": [t.name for t in targets], "wd_assign": _label(wd_assign), "wd_s1": wd_s1, "wd_s2": wd_s2,
             "wd_assign_options": dict(wd_assign_options or {}), "normalize": lr_map.normalize,
         }
         self.history: list[Rebalance] = []
@@ -172,16 +174,6 @@ class TempBalance(LRScheduler):
         if isinstance(base, TempBalance):
             raise ConfigError("base_scheduler is itself a TempBalance")
         check_base_scheduler(base, optimizer)
-
-    @staticmethod
-    def _analysis_options(fit: str, conv_mode: str, options: dict[str, Any]) -> AnalysisOptions:
-        unknown = sorted(set(options) - set(_ANALYSIS_KEYS))
-        if unknown:
-            raise TypeError(f"TempBalance got unknown option(s) {unknown}; analysis options accepted: {list(_ANALYSIS_KEYS)}")
-        try:
-            return AnalysisOptions(fit=fit, conv_mode=conv_mode, **{"precision": "float64", **options})
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
 
     def _initial_step(self) -> None:
         """Called by ``LRScheduler.__init__``: the construction-time rebalance (unless warmup)."""
@@ -291,6 +283,11 @@ class TempBalance(LRScheduler):
         return self._groups.factors(WEIGHT_DECAY)
 
     @property
+    def balance(self) -> tuple[str, ...]:
+        """The options balanced: ``("lr",)``, ``("weight_decay",)`` or both."""
+        return tuple(t.name for t in self._groups.targets)
+
+    @property
     def layers(self) -> list[str]:
         """Names of the balanced layers, in module order."""
         return self.plan.names
@@ -314,11 +311,7 @@ class TempBalance(LRScheduler):
             "config": dict(self._config),
             "pending": self._runs.pending,
         }
-        for target in self._groups.targets:
-            factors_key, untuned_key = TARGET_STATE_KEYS[target.name]
-            state[factors_key] = self._groups.factors(target)
-            state[untuned_key] = self._groups.untuned_values(target)
-        return state
+        return {**state, **self._groups.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (of this version or 0.1's; the order relative to the
@@ -331,8 +324,7 @@ class TempBalance(LRScheduler):
         """
         check_state(state_dict, {x.name: x.shape for x in self.plan.layers}, len(self.optimizer.param_groups),
                     [t.name for t in self._groups.targets])
-        saved_config = upgrade_config(state_dict.get("config"))
-        if state_dict.get("config") and saved_config != upgrade_config(self._config):
+        if state_dict.get("config") and upgrade_config(state_dict["config"]) != upgrade_config(self._config):
             logger.warning("TempBalance: loading a state saved with other options %s (now %s)", state_dict["config"], self._config)
         self.last_epoch = int(state_dict["last_epoch"])
         self._step_count = int(state_dict.get("step_count", self.last_epoch + 1))
@@ -340,9 +332,7 @@ class TempBalance(LRScheduler):
         self._reported = set(state_dict.get("reported", []))
         if self.base_scheduler is not None and state_dict.get("base_scheduler") is not None:
             self.base_scheduler.load_state_dict(state_dict["base_scheduler"])
-        for target in self._groups.targets:
-            factors_key, untuned_key = TARGET_STATE_KEYS[target.name]
-            self._groups.restore(target, state_dict.get(factors_key, {}), state_dict.get(untuned_key, {}))
+        self._groups.load_state_dict(state_dict)
         pending = state_dict.get("pending")
         self._runs.resume(None if pending is None else int(pending))
         self._apply()

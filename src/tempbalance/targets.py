@@ -19,6 +19,7 @@ import torch
 
 from .errors import ConfigError
 from .groups import LAYER_KEY
+from .history import TARGET_STATE_KEYS
 
 __all__ = ["Target", "LR", "WEIGHT_DECAY", "TARGETS", "resolve_balance", "BalancedGroups"]
 
@@ -58,7 +59,7 @@ class Target:
         """The option equals untuned x factor (to round-off), both keys present."""
         if self.untuned_key not in group or self.factor_key not in group:
             return False
-        return math.isclose(self.read(group), self.expected(group), rel_tol=1e-6, abs_tol=0.0)
+        return math.isclose(self.read(group), group[self.untuned_key] * group[self.factor_key], rel_tol=1e-6, abs_tol=0.0)
 
     def init(self, group: dict[str, Any]) -> None:
         """Keep a consistent (untuned, factor) pair; otherwise the option is the untuned value, factor 1."""
@@ -66,7 +67,7 @@ class Target:
             group[self.untuned_key], group[self.factor_key] = self.read(group), 1.0
 
     def apply(self, group: dict[str, Any]) -> None:
-        self.write(group, self.expected(group))
+        self.write(group, group[self.untuned_key] * group[self.factor_key])
 
 
 LR = Target("lr", "learning rate", "tb_untuned_lr", "tb_factor")
@@ -107,9 +108,11 @@ class BalancedGroups:
         """Take an option changed from outside TempBalance as the group's new untuned value."""
         for group in self.groups():
             for target in self.targets:
+                if target.consistent(group):
+                    continue
                 if target.untuned_key not in group or target.factor_key not in group:
                     target.init(group)
-                elif not target.consistent(group):
+                else:
                     self._warn_once(target, group)
                     group[target.untuned_key] = target.read(group)
 
@@ -176,15 +179,24 @@ class BalancedGroups:
             out.setdefault(group[LAYER_KEY], target.read(group))
         return out
 
-    def untuned_values(self, target: Target) -> dict[str, float]:
-        """``{group name: untuned value}``."""
-        return {g.get("name", g[LAYER_KEY]): g[target.untuned_key] for g in self.groups()}
+    def state_dict(self) -> dict[str, dict[str, float]]:
+        """Per balanced target: ``{layer: factor}`` and ``{group name: untuned value}``, under the
+        keys of :data:`tempbalance.history.TARGET_STATE_KEYS`."""
+        state: dict[str, dict[str, float]] = {}
+        for target in self.targets:
+            factors_key, untuned_key = TARGET_STATE_KEYS[target.name]
+            state[factors_key] = self.factors(target)
+            state[untuned_key] = {g.get("name", g[LAYER_KEY]): g[target.untuned_key] for g in self.groups()}
+        return state
 
-    def restore(self, target: Target, factors: dict[str, float], untuned: dict[str, float]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Put saved factors (by layer) and untuned values (by group name) back."""
-        for group in self.groups():
-            name = group.get("name", group[LAYER_KEY])
-            if name in untuned:
-                group[target.untuned_key] = float(untuned[name])
-            if group[LAYER_KEY] in factors:
-                group[target.factor_key] = float(factors[group[LAYER_KEY]])
+        for target in self.targets:
+            factors_key, untuned_key = TARGET_STATE_KEYS[target.name]
+            factors, untuned = state.get(factors_key, {}), state.get(untuned_key, {})
+            for group in self.groups():
+                name = group.get("name", group[LAYER_KEY])
+                if name in untuned:
+                    group[target.untuned_key] = float(untuned[name])
+                if group[LAYER_KEY] in factors:
+                    group[target.factor_key] = float(factors[group[LAYER_KEY]])

@@ -13,7 +13,8 @@ from typing import Any
 OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--dataset", "dataset", str, "data set name (see `tempbalance data list`); default cifar10"),
     ("--model", "model", str, "model name; default: the data set's default model"),
-    ("--method", "method", str, "cal, snr, tb, tb+snr, sgdr, lars, lamb, lookahead, sgdp, tb+sgdp; default cal"),
+    ("--method", "method", str, "cal, snr, tb, tb+snr, sgdr, lars, lamb, lookahead, sgdp, tb+sgdp, alphadecay, "
+     "tb+alphadecay; default cal"),
     ("--epochs", "epochs", int, "number of epochs; default 200"),
     ("--lr", "lr", float, "initial (global) learning rate; default 0.1"),
     ("--batch-size", "batch_size", int, "training batch size per process; default 128 (global: x processes)"),
@@ -36,12 +37,17 @@ OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--eval-batch-size", "eval_batch_size", int, "test batch size; default 512"),
     ("--stop-after", "stop_after", int, "stop (resumably) after this many epochs in total"),
     ("--tag", "tag", str, "free label the report groups runs by"),
+    ("--wd-s1", "wd_s1", float, "AlphaDecay: lowest weight-decay factor; default 0.5"),
+    ("--wd-s2", "wd_s2", float, "AlphaDecay: highest weight-decay factor; default 1.5"),
+    ("--normalize", "normalize", str, "balancing factors: none (default) or mean (divided by their mean)"),
+    ("--norm-follows", "norm_follows", str, "which layer a norm layer follows: order (default), name (the reference's), none"),
 )
 SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
     ("--resume", "resume", True, "continue the run in --out from its checkpoint"),
     ("--download", "download", True, "fetch a missing data set into --data-dir (cifar10/cifar100/svhn)"),
     ("--compile", "compile", True, "wrap the model in torch.compile"),
-    ("--tb-async", "tb_async", True, "TempBalance: measure on a worker thread, apply when ready (single process)"),
+    ("--asynchronous", "asynchronous", True, "TempBalance: measure on a worker thread, apply when ready (single process)"),
+    ("--tb-async", "asynchronous", True, "the old name of --asynchronous"),
     ("--sync-bn", "sync_bn", True, "under torchrun: SyncBatchNorm over the global batch (CUDA only)"),
     ("--no-progress", "progress", False, "no progress bar"),
     ("--no-augment", "augment", False, "no data augmentation"),

@@ -13,11 +13,16 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["TrainConfig", "RESULT_NEUTRAL_FIELDS", "FITS", "METRICS"]
+__all__ = ["TrainConfig", "RESULT_NEUTRAL_FIELDS", "FITS", "METRICS", "RENAMED_FIELDS"]
 
 FITS = ("median", "ks", "fix-finger")
 METRICS = ("alpha", "alphahat", "spectral_norm")
 AMP_MODES = ("auto", "bf16", "off")
+NORMALIZE = ("none", "mean")
+NORM_FOLLOWS = ("order", "name", "none")
+
+# Old field names still read from config.json, checkpoints and sweep files: old -> new.
+RENAMED_FIELDS = {"tb_async": "asynchronous"}
 
 # Fields that may differ between a run and its resumption without changing its results.
 RESULT_NEUTRAL_FIELDS = frozenset(
@@ -50,9 +55,14 @@ class TrainConfig:
         assign: TempBalance assignment function, default ``"linear"``.
         metric: quantity TempBalance balances on, one of ``METRICS``, default ``"alpha"``.
         fit: power-law fit, one of ``FITS``, default ``"median"``.
-        tb_async: TempBalance measures a snapshot of the weights on a worker thread and applies the
+        asynchronous: TempBalance measures a snapshot of the weights on a worker thread and applies the
             factors when ready (``TempBalance(asynchronous=True)``), default False; single process only.
             An epoch's logged ``alpha`` is then that of the last measurement applied by its end.
+            (Called ``tb_async`` before 0.2; that name is still read.)
+        wd_s1, wd_s2: AlphaDecay's lowest / highest weight-decay factor (``alphadecay`` methods), default 0.5 / 1.5.
+        normalize: ``"mean"`` divides the balancing factors by their mean (average factor 1), default ``"none"``.
+        norm_follows: which layer a norm layer follows for balancing: ``"order"`` (default), ``"name"`` (the
+            reference's ``bn`` -> ``conv`` rule, used by ``configs/paper``) or ``"none"``.
         snr_coef: spectral-norm regularisation coefficient for the ``snr`` methods, default 0.01.
         snr_power_iterations: power iterations per step for SNR, default 1.
         sgdr_t0: restart period (epochs) of ``sgdr``, default 100 (``T_mult = 1``).
@@ -93,7 +103,11 @@ class TrainConfig:
     assign: str = "linear"
     metric: str = "alpha"
     fit: str = "median"
-    tb_async: bool = False
+    asynchronous: bool = False
+    wd_s1: float = 0.5
+    wd_s2: float = 1.5
+    normalize: str = "none"
+    norm_follows: str = "order"
     snr_coef: float = 0.01
     snr_power_iterations: int = 1
     sgdr_t0: int = 100
@@ -117,9 +131,22 @@ class TrainConfig:
         """Names of all settable fields."""
         return tuple(f.name for f in dataclasses.fields(cls))
 
+    @staticmethod
+    def upgrade_dict(values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` with old field names (:data:`RENAMED_FIELDS`) under their new names."""
+        out = dict(values)
+        for old, new in RENAMED_FIELDS.items():
+            if old in out:
+                if new in out and out[new] != out[old]:
+                    raise ConfigError(f"{old}={out[old]!r} (the old name of {new}) contradicts {new}={out[new]!r}")
+                out[new] = out.pop(old)
+        return out
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        """Build from a mapping; an unknown key is an error that lists the accepted ones."""
+        """Build from a mapping (old field names accepted); an unknown key is an error that lists
+        the accepted ones."""
+        values = cls.upgrade_dict(values)
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
             raise ConfigError(f"unknown training setting(s) {unknown}; accepted: {', '.join(cls.field_names())}")
@@ -161,11 +188,19 @@ class TrainConfig:
         _finite("width", self.width, low=0.0, low_open=True)
         _finite("s1", self.s1, low=0.0, low_open=True)
         _finite("s2", self.s2, low=0.0)
+        _finite("wd_s1", self.wd_s1, low=0.0, low_open=True)
+        _finite("wd_s2", self.wd_s2, low=0.0)
         _finite("snr_coef", self.snr_coef, low=0.0)
         _finite("lars_trust", self.lars_trust, low=0.0, low_open=True)
         _finite("lookahead_alpha", self.lookahead_alpha, low=0.0, low_open=True)
         if self.s1 > self.s2:
             raise ConfigError(f"s1={self.s1} > s2={self.s2}; need s1 <= s2 (lowest and highest lr factor)")
+        if self.wd_s1 > self.wd_s2:
+            raise ConfigError(f"wd_s1={self.wd_s1} > wd_s2={self.wd_s2}; need wd_s1 <= wd_s2 (lowest and highest weight-decay factor)")
+        if self.normalize not in NORMALIZE:
+            raise ConfigError(f"unknown normalize {self.normalize!r}; accepted: {', '.join(NORMALIZE)}")
+        if self.norm_follows not in NORM_FOLLOWS:
+            raise ConfigError(f"unknown norm_follows {self.norm_follows!r}; accepted: {', '.join(NORM_FOLLOWS)}")
         _finite("train_fraction", self.train_fraction, low=0.0, low_open=True)
         if self.train_fraction > 1:
             raise ConfigError(f"train_fraction={self.train_fraction} must be in (0, 1]")
@@ -188,7 +223,7 @@ class TrainConfig:
             _positive_int("stop_after", self.stop_after)
         if self.data_dir is not None and not os.path.isdir(self.data_dir):
             raise FileNotFoundError(f"data_dir {self.data_dir!r} does not exist or is not a directory")
-        for name in ("sync_bn", "tb_async"):
+        for name in ("sync_bn", "asynchronous"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
         if self.resume and self.out is None:

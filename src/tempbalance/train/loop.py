@@ -25,7 +25,7 @@ from ..errors import ConfigError, TempBalanceError
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_text_atomic
 from .config import RESULT_NEUTRAL_FIELDS, TrainConfig
 from .distributed_run import DistContext, StopVote, detect_launch, distributed_context, rank_seed, summed, wrap_model
-from .methods import MethodParts, balanced_rates, build_method, global_lr
+from .methods import MethodParts, balanced_rates, balanced_weight_decays, build_method, global_lr
 from .metrics import MetricsWriter
 
 __all__ = ["run_training", "resolve_device", "summary_line", "SUMMARY_NAME"]
@@ -131,6 +131,7 @@ def _prepare(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig, out: Path) -> None:
+    saved = TrainConfig.upgrade_dict(saved)  # a run saved under old field names
     current = config.to_dict()
     defaults = TrainConfig().to_dict()  # a field added after the run was saved had its default then
     changed = [
@@ -275,7 +276,8 @@ def run_training(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     With ``config.out`` set, the run directory gets ``config.json`` (every resolved setting),
     ``metrics.jsonl`` / ``metrics.csv`` (one row per epoch: ``epoch``, ``lr`` (global rate used),
     ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc`` (accuracies in %), ``epoch_time`` (s)
-    and, when balancing, ``alpha`` / ``layer_lr`` per layer), ``checkpoint.pt`` after every epoch
+    and, when balancing, ``alpha`` / ``layer_lr`` (and ``layer_wd`` when the weight decay is balanced) per
+    layer), ``checkpoint.pt`` after every epoch
     (``checkpoint.prev.pt`` the one before), and ``summary.json`` once finished.
     ``config.resume`` continues from the checkpoint with identical results (CPU, deterministic).
 
@@ -458,6 +460,7 @@ def _train(
                     break
                 train_loss, train_acc = trained
                 rates = balanced_rates(parts.optimizer)  # as the epoch ended (an async rebalance lands mid-epoch)
+                decays = balanced_weight_decays(parts.optimizer)
                 if not math.isfinite(train_loss):
                     raise TempBalanceError(
                         f"training diverged: train loss {train_loss} in epoch {epoch + 1} "
@@ -478,6 +481,8 @@ def _train(
                 if parts.balancer is not None:
                     row["alpha"] = _layer_alphas(parts)
                     row["layer_lr"] = rates
+                    if "weight_decay" in parts.balancer.balance:
+                        row["layer_wd"] = decays
                 rows.append(row)
                 if out is not None:
                     if writer is not None:

@@ -1,6 +1,7 @@
 """Per-epoch metrics of a run: ``metrics.jsonl``, ``metrics.csv`` and (when installed) TensorBoard.
 
-Rows are plain dicts; per-layer values sit in nested ``alpha`` / ``layer_lr`` dicts (flattened in the CSV).
+Rows are plain dicts; per-layer values sit in nested ``alpha`` / ``layer_lr`` / ``layer_wd`` dicts (flattened
+in the CSV).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ __all__ = ["MetricsWriter", "read_metrics", "flatten_row"]
 
 log = logging.getLogger(__name__)
 
-NESTED_KEYS = ("alpha", "layer_lr")
+NESTED_KEYS = ("alpha", "layer_lr", "layer_wd")
 
 
 def flatten_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -83,7 +83,9 @@ class Rebalance:
         return cls(int(d["step"]), [LayerBalance(**x) for x in d["layers"]], int(d.get("lag_steps", 0)))
 
     @classmethod
-    def of(cls, step: int, names: Sequence[str], result: Any, untuned: dict[str, dict[str, float]], lag_steps: int) -> "Rebalance":
+    def of(
+        cls, step: int, names: Sequence[str], result: Any, untuned: dict[str, dict[str, float]], lag_steps: int
+    ) -> "Rebalance":
         """The record of one rebalance.
 
         Args:
@@ -190,7 +192,9 @@ def check_state(state: Any, layers: dict[str, tuple[int, ...]], groups: int, bal
                 f"{tuple(shape)} there, {tuple(layers[name])} here"
             )
     if "groups" in plan and plan["groups"] != groups:
-        raise ConfigError(f"this TempBalance state belongs to an optimizer with {plan['groups']} parameter groups, this one has {groups}")
+        raise ConfigError(
+            f"this TempBalance state belongs to an optimizer with {plan['groups']} parameter groups, this one has {groups}"
+        )
     _check_base_lists(state.get("base_scheduler"), groups)
     for target in balance:
         factors_key, untuned_key = TARGET_STATE_KEYS[target]

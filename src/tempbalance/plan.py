@@ -19,7 +19,9 @@ from .layers import CONV_MODES, LayerRef, MatrixOptions, find_layers, registered
 from .norms import is_norm_type, norm_features
 from .qkv import qkv_parts
 
-__all__ = ["NORM_FOLLOWS", "SELECTION_KEYS", "LayerSelection", "BalancedLayer", "BalancePlan", "output_features", "plan_balance"]
+__all__ = [
+    "NORM_FOLLOWS", "SELECTION_KEYS", "LayerSelection", "BalancedLayer", "BalancePlan", "output_features", "plan_balance",
+]
 
 NORM_FOLLOWS = ("order", "name", "none")
 """How a norm layer finds the layer whose learning rate it takes:
@@ -101,7 +103,7 @@ class LayerSelection:
         if values.get("types") is not None:
             known = {_type_name(c): c for c in registered_layer_types()}
             for module in unwrap_model(model).modules():
-                known.update({_type_name(c): c for c in type(module).__mro__ if isinstance(c, type) and issubclass(c, nn.Module)})
+                known.update({_type_name(c): c for c in type(module).__mro__ if issubclass(c, nn.Module)})
             missing = [name for name in values["types"] if name not in known]
             if missing:
                 raise ConfigError(f"the parameter groups select layer types {missing}, which this model does not use")

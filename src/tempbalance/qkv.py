@@ -86,10 +86,11 @@ def _parts(ref: LayerRef, base: str, layout: str) -> list[LayerRef]:
     refs = []
     for i, suffix in enumerate(QKV_SUFFIXES):
         start, stop = i * size, (i + 1) * size
+        name = f"{prefix}{suffix}"
         if layout == "columns":
-            part = LayerRef(f"{prefix}{suffix}", ref.module, ref.kind, w, partial(_transposed_columns, start, stop), ref.frozen)
+            part = LayerRef(name, ref.module, ref.kind, w, partial(_transposed_columns, start, stop), ref.frozen)
         else:
-            part = LayerRef(f"{prefix}{suffix}", ref.module, ref.kind, w, ref.matrix_fn, ref.frozen, weight_slice=slice(start, stop))
+            part = LayerRef(name, ref.module, ref.kind, w, ref.matrix_fn, ref.frozen, weight_slice=slice(start, stop))
         part.tied_names = [f"{t}.{suffix}" for t in ref.tied_names]
         refs.append(part)
     return refs

@@ -16,7 +16,10 @@ from .errors import ConfigError
 from .groups import LAYER_KEY, SELECTION_KEY, audit_groups, group_selection
 from .plan import BalancePlan, LayerSelection, plan_balance
 
-__all__ = ["NOT_IN_OPTIMIZER", "check_base_scheduler", "optimizer_chain", "hookable_optimizer", "scheduler_tree", "split_groups", "plan_for_optimizer"]
+__all__ = [
+    "NOT_IN_OPTIMIZER", "check_base_scheduler", "optimizer_chain", "hookable_optimizer", "scheduler_tree",
+    "split_groups", "plan_for_optimizer",
+]
 
 NOT_IN_OPTIMIZER = ("error", "skip")
 
@@ -141,7 +144,8 @@ def check_base_scheduler(base: Any, optimizer: Any) -> None:
     if not callable(getattr(base, "step", None)):
         raise ConfigError(f"base_scheduler={base!r} has no step() method")
     base_opt = getattr(base, "optimizer", None)
-    if base_opt is not None and base_opt is not optimizer and getattr(base_opt, "param_groups", None) is not optimizer.param_groups:
+    shared = base_opt is optimizer or getattr(base_opt, "param_groups", None) is optimizer.param_groups
+    if base_opt is not None and not shared:
         raise ConfigError("base_scheduler drives a different optimizer than the one given to TempBalance")
 
 

@@ -195,8 +195,11 @@ class TempBalance(LRScheduler):
         """
         self._groups.adopt_outside_changes()
         if self.base_scheduler is not None:
-            with self._groups.untuned():
+            self._groups.restore_untuned()  # the base schedule never sees a factor
+            try:
                 self.base_scheduler.step(*args, **kwargs)
+            finally:
+                self._groups.recapture()
         elif args or kwargs:
             raise TypeError("TempBalance.step() takes arguments only to pass them to a base_scheduler")
         self.last_epoch += 1
@@ -325,7 +328,8 @@ class TempBalance(LRScheduler):
         check_state(state_dict, {x.name: x.shape for x in self.plan.layers}, len(self.optimizer.param_groups),
                     [t.name for t in self._groups.targets])
         if state_dict.get("config") and upgrade_config(state_dict["config"]) != upgrade_config(self._config):
-            logger.warning("TempBalance: loading a state saved with other options %s (now %s)", state_dict["config"], self._config)
+            logger.warning("TempBalance: loading a state saved with other options %s (now %s)",
+                           state_dict["config"], self._config)
         self.last_epoch = int(state_dict["last_epoch"])
         self._step_count = int(state_dict.get("step_count", self.last_epoch + 1))
         self.history = [Rebalance.from_dict(h) for h in state_dict.get("history", [])]
@@ -339,6 +343,7 @@ class TempBalance(LRScheduler):
 
     def __repr__(self) -> str:
         return (
-            f"TempBalance({len(self.plan.layers)} layers, balance={self._config['balance']}, assign={self._config['assign']!r}, "
+            f"TempBalance({len(self.plan.layers)} layers, balance={self._config['balance']}, "
+            f"assign={self._config['assign']!r}, "
             f"metric={self.metric_name!r}, interval={self.interval}, warmup={self.warmup}, step={self.last_epoch})"
         )

@@ -9,11 +9,10 @@ never erases one. A value found changed from outside is taken as the new untuned
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -67,7 +66,12 @@ class Target:
             group[self.untuned_key], group[self.factor_key] = self.read(group), 1.0
 
     def apply(self, group: dict[str, Any]) -> None:
-        self.write(group, group[self.untuned_key] * group[self.factor_key])
+        """Set the option to untuned x factor (``write`` inlined: this runs for every group at every step)."""
+        value, current = group[self.untuned_key] * group[self.factor_key], group[self.name]
+        if isinstance(current, torch.Tensor):
+            current.fill_(value)
+        else:
+            group[self.name] = value
 
 
 LR = Target("lr", "learning rate", "tb_untuned_lr", "tb_factor")
@@ -127,20 +131,18 @@ class BalancedGroups:
             target.label, group.get("name"), target.expected(group), target.read(group),
         )
 
-    @contextlib.contextmanager
-    def untuned(self) -> Iterator[None]:
-        """Within: every option holds its untuned value (for the base scheduler to step);
-        afterwards the values found are the untuned ones and the factors are applied again."""
+    def restore_untuned(self) -> None:
+        """Every option to its untuned value (for the base scheduler to step); undo with :meth:`recapture`."""
         for group in self.groups():
             for target in self.targets:
                 target.write(group, group[target.untuned_key])
-        try:
-            yield
-        finally:
-            for group in self.groups():
-                for target in self.targets:
-                    group[target.untuned_key] = target.read(group)
-                    target.apply(group)
+
+    def recapture(self) -> None:
+        """The values now set (by the base scheduler) become the untuned ones; factors applied again."""
+        for group in self.groups():
+            for target in self.targets:
+                group[target.untuned_key] = target.read(group)
+                target.apply(group)
 
     def apply(self) -> None:
         for group in self.groups():

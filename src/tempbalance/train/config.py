@@ -196,7 +196,9 @@ class TrainConfig:
         if self.s1 > self.s2:
             raise ConfigError(f"s1={self.s1} > s2={self.s2}; need s1 <= s2 (lowest and highest lr factor)")
         if self.wd_s1 > self.wd_s2:
-            raise ConfigError(f"wd_s1={self.wd_s1} > wd_s2={self.wd_s2}; need wd_s1 <= wd_s2 (lowest and highest weight-decay factor)")
+            raise ConfigError(
+                f"wd_s1={self.wd_s1} > wd_s2={self.wd_s2}; need wd_s1 <= wd_s2 (lowest and highest weight-decay factor)"
+            )
         if self.normalize not in NORMALIZE:
             raise ConfigError(f"unknown normalize {self.normalize!r}; accepted: {', '.join(NORMALIZE)}")
         if self.norm_follows not in NORM_FOLLOWS:

@@ -86,3 +86,20 @@ def test_a_run_saved_as_tb_async_resumes(tmp_path):
     with pytest.raises(ConfigError, match="settings differ"):
         run_training(tiny(out, method="tb", resume=True, epochs=4, stop_after=4))
     assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["asynchronous"] is True
+
+
+def test_the_follow_up_sweep_file_expands(tmp_path):
+    from pathlib import Path
+
+    from tempbalance.train.sweep import expand_sweep, load_sweep
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "follow-ups" / "alphadecay-cifar100.toml"
+    data = tmp_path / "cifar100"
+    data.mkdir()
+    runs = expand_sweep(load_sweep(path), [f"data_dir={data}"])
+    assert {(r.setting, r.method) for r in runs} == {
+        (s, m) for s in ("resnet18", "vgg16") for m in ("cal", "tb", "alphadecay", "tb+alphadecay")
+    }
+    assert len(runs) == 8 * 5 and all(r.config.norm_follows == "name" and r.config.epochs == 200 for r in runs)
+    ad = next(r for r in runs if r.method == "tb+alphadecay" and r.setting == "vgg16")
+    assert (ad.config.lr, ad.config.wd_s1, ad.config.wd_s2, ad.config.s1) == (0.05, 0.5, 1.5, 0.5)

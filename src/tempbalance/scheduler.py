@@ -21,7 +21,6 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from .analysis import AnalysisOptions, LayerRecord
 from .errors import ConfigError
-from .groups import LAYER_KEY
 from .history import STATE_VERSION, LayerBalance, Rebalance, check_state, upgrade_config
 from .measure import MeasurementRuns
 from .regroup import check_base_scheduler, plan_for_optimizer

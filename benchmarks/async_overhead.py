@@ -32,13 +32,14 @@ import torch
 
 from _common import cpu_model  # noqa: E402
 from tempbalance import TempBalance
+from tempbalance.measure import MeasurementRuns
 
 SETUPS = {
     "mlp, mnist1d 10%, 30 epochs": dict(dataset="mnist1d", model="mlp", epochs=30, train_fraction=0.1, lr=0.3,
                                         weight_decay=5e-3),
     "cnn1d-deep, mnist1d, 5 epochs": dict(dataset="mnist1d", model="cnn1d-deep", epochs=5, lr=0.1, weight_decay=5e-3),
 }
-METHODS = {"cal": dict(method="cal"), "tb": dict(method="tb"), "tb async": dict(method="tb", tb_async=True)}
+METHODS = {"cal": dict(method="cal"), "tb": dict(method="tb"), "tb async": dict(method="tb", asynchronous=True)}
 
 
 @contextlib.contextmanager
@@ -46,7 +47,8 @@ def time_in_tempbalance() -> Iterator[list[float]]:
     """Sum the wall time of ``TempBalance.step`` and of its optimizer step pre-hook (the
     training thread's share of balancing) into the yielded one-element list."""
     total = [0.0]
-    originals = {name: getattr(TempBalance, name) for name in ("step", "_before_optimizer_step")}
+    targets = ((TempBalance, "step"), (MeasurementRuns, "_before_optimizer_step"))
+    originals = {(owner, name): getattr(owner, name) for owner, name in targets}
 
     def timed(original):
         def wrapper(self, *args, **kwargs):
@@ -58,13 +60,13 @@ def time_in_tempbalance() -> Iterator[list[float]]:
 
         return wrapper
 
-    for name, original in originals.items():
-        setattr(TempBalance, name, timed(original))
+    for (owner, name), original in originals.items():
+        setattr(owner, name, timed(original))
     try:
         yield total
     finally:
-        for name, original in originals.items():
-            setattr(TempBalance, name, original)
+        for (owner, name), original in originals.items():
+            setattr(owner, name, original)
 
 
 def run_once(settings: dict, threads: int, seed: int) -> tuple[float, float]:

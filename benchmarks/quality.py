@@ -80,15 +80,21 @@ class Cell:
 GRID = tuple((lr, wd) for lr in (0.03, 0.1, 0.3) for wd in (5e-4, 5e-3))
 GRID_FULL = tuple((lr, wd) for lr in (0.1, 0.3) for wd in (5e-4, 5e-3))  # the full-data cells cost more
 CAL_TB = {"cal": {"method": "cal"}, "tb": {"method": "tb"}}
+# AlphaDecay (per-layer weight decay from alpha, wd_s1/wd_s2 = 0.5/1.5) alone and with TB's rates,
+# each compared with CAL (the table) and with TB (the pairs below each table).
+ALPHADECAY = {"alphadecay": {"method": "alphadecay"}, "tb+alphadecay": {"method": "tb+alphadecay"}}
+AD_PAIRS = (("alphadecay", "tb"), ("tb+alphadecay", "tb"))
 
 CELLS: dict[str, Cell] = {
     "mnist1d": Cell(
         {"dataset": "mnist1d", "model": "cnn1d", "epochs": 10},
-        GRID_FULL, dict(CAL_TB), note="mnist1d 4000/1000, cnn1d, full training set",
+        GRID_FULL, {**CAL_TB, **ALPHADECAY}, pairs=AD_PAIRS,
+        note="mnist1d 4000/1000, cnn1d, full training set; also AlphaDecay and TB+AlphaDecay",
     ),
     "digits": Cell(
         {"dataset": "digits", "model": "cnn-digits", "epochs": 15},
-        GRID_FULL, dict(CAL_TB), seeds=MORE_SEEDS, note="sklearn digits 1257/540, cnn-digits; 30 seeds (p = 0.07 at 10)",
+        GRID_FULL, {**CAL_TB, **ALPHADECAY}, seeds=MORE_SEEDS, pairs=AD_PAIRS,
+        note="sklearn digits 1257/540, cnn-digits; 30 seeds (p = 0.07 at 10); also AlphaDecay and TB+AlphaDecay",
     ),
     "mnist1d-10pct": Cell(
         {"dataset": "mnist1d", "model": "cnn1d", "epochs": 30, "train_fraction": 0.1},
@@ -100,11 +106,12 @@ CELLS: dict[str, Cell] = {
             "tb-sigmoid": {"method": "tb", "assign": "sigmoid"},
             "snr": {"method": "snr", "snr_coef": 0.001},
             "tb+snr": {"method": "tb+snr", "snr_coef": 0.001, "s1": 0.6, "s2": 1.4},
-            "tb-async": {"method": "tb", "tb_async": True},
+            "tb-async": {"method": "tb", "asynchronous": True},
+            **ALPHADECAY,
         },
-        pairs=(("tb-async", "tb"),),
+        pairs=(("tb-async", "tb"), *AD_PAIRS),
         note="mnist1d, 10% of the training set (400 samples), cnn1d; also s1/s2 = 0.8/1.2, the sigmoid map (tau 10, s 1), "
-        "SNR, and TB's asynchronous mode",
+        "SNR, TB's asynchronous mode, AlphaDecay and TB+AlphaDecay",
     ),
     "mnist1d-5pct": Cell(
         {"dataset": "mnist1d", "model": "cnn1d", "epochs": 30, "train_fraction": 0.05},
@@ -120,14 +127,15 @@ CELLS: dict[str, Cell] = {
     ),
     "mnist1d-10pct-mlp": Cell(
         {"dataset": "mnist1d", "model": "mlp", "epochs": 30, "train_fraction": 0.1},
-        GRID, {**CAL_TB, "tb-async": {"method": "tb", "tb_async": True}}, seeds=MORE_SEEDS, pairs=(("tb-async", "tb"),),
+        GRID, {**CAL_TB, "tb-async": {"method": "tb", "asynchronous": True}}, seeds=MORE_SEEDS, pairs=(("tb-async", "tb"),),
         note="mnist1d 10%, the 5-layer 512-wide MLP (three balanced 512x512 layers); 30 seeds (p = 0.09 at 10); "
         "also TB's asynchronous mode",
     ),
     "mnist1d-10pct-deep": Cell(
         {"dataset": "mnist1d", "model": "cnn1d-deep", "epochs": 30, "train_fraction": 0.1},
-        GRID, dict(CAL_TB), seeds=MORE_SEEDS,
-        note="mnist1d 10%, the 10-conv cnn1d-deep (9 balanced layers instead of 3; deeper model); 30 seeds (p = 0.10 at 10)",
+        GRID, {**CAL_TB, **ALPHADECAY}, seeds=MORE_SEEDS, pairs=AD_PAIRS,
+        note="mnist1d 10%, the 10-conv cnn1d-deep (9 balanced layers instead of 3; deeper model); 30 seeds (p = 0.10 at 10); "
+        "also AlphaDecay and TB+AlphaDecay",
     ),
     "mnist1d-20pct": Cell(
         {"dataset": "mnist1d", "model": "cnn1d", "epochs": 20, "train_fraction": 0.2},
@@ -136,10 +144,10 @@ CELLS: dict[str, Cell] = {
     "cifar10-sub": Cell(
         {"dataset": "cifar10", "model": "resnet18", "width": 0.25, "epochs": 8, "train_fraction": 0.1,
          "data_dir": str(CIFAR_DIR)},
-        (), dict(CAL_TB), fixed=(0.1, 5e-4), seeds=tuple(range(8)), in_all=False,
+        (), {**CAL_TB, **ALPHADECAY}, fixed=(0.1, 5e-4), seeds=tuple(range(8)), in_all=False, pairs=AD_PAIRS,
         note="CIFAR-10, 10% of the training set (5000 images), full test set, ResNet18 width 0.25, 8 epochs; "
         "paper lr/wd (0.1, 5e-4), not tuned; about 10 minutes a run on one CPU thread here (1.5 h for the cell "
-        "with 2 jobs), so not in the default selection",
+        "with 2 jobs), so not in the default selection; also AlphaDecay and TB+AlphaDecay",
     ),
 }
 
@@ -480,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="tune only, compare only (tuning must be done), or both (default)")
     parser.add_argument("--methods", default="",
                         help="comma-separated method labels to run in the comparison (default: all of each cell)")
+    parser.add_argument("--seeds", default="",
+                        help="comma-separated evaluation seeds to run (default: each cell's own); e.g. 0 for a smoke run")
     parser.add_argument("--report-only", action="store_true", help="print the tables of what has finished")
     parser.add_argument("--list", action="store_true", help="list the cells and exit")
     args = parser.parse_args(argv)
@@ -498,10 +508,12 @@ def main(argv: list[str] | None = None) -> int:
             _run_all([job for name in names for job in tune_jobs(args.out, name, CELLS[name])], args.jobs)
         if args.stage in ("all", "compare"):
             methods = [label for label in args.methods.split(",") if label] or None
+            seeds = {int(seed) for seed in args.seeds.split(",") if seed}
             jobs = []
             for name in names:
                 (lr, wd), _ = tuned_values(args.out, name)
-                jobs += compare_jobs(args.out, name, CELLS[name], lr, wd, methods)
+                jobs += [job for job in compare_jobs(args.out, name, CELLS[name], lr, wd, methods)
+                         if not seeds or job[1]["seed"] in seeds]
             _run_all(jobs, args.jobs)
     text = report(args.out, names)
     print(text)

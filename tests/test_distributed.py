@@ -263,6 +263,22 @@ def test_tempbalance_rates_agree_across_ranks_and_with_one_process(ddp_results):
         assert got["measured"] < len(find_layers(model)), "the scheduler should split the work"
 
 
+@pytest.mark.slow
+def test_split_qkv_parts_are_split_across_ranks(ddp_results):
+    import tempbalance
+
+    model = _qkv_model()
+    opt = torch.optim.SGD(tempbalance.param_groups(model), lr=0.1)
+    single = tempbalance.TempBalance(model, opt, split_qkv=True)
+    parts = [ref.name for ref in single.plan.refs]
+    assert parts == ["1.1", "1.qkv.q", "1.qkv.k", "1.qkv.v", "2.1", "2.qkv.q", "2.qkv.k", "2.qkv.v"]
+    measured = [res["tempbalance_qkv"]["measured"] for res in ddp_results]
+    assert sorted(measured[0] + measured[1]) == sorted(parts) and measured[0] and measured[1]
+    for res in ddp_results:
+        assert res["tempbalance_qkv"]["factors"] == single.factors
+        assert res["tempbalance_qkv"]["metric"] == [x.metric for x in single.history[-1].layers]
+
+
 # ---------------------------------------------------------------- 2 processes, gloo, FSDP2
 
 
@@ -405,6 +421,29 @@ def _tempbalance_run(model: nn.Module) -> dict:
             "measured": len(log["measured"]) - before}
 
 
+def _qkv_model(seed: int = 6) -> nn.Module:
+    """Two blocks with a fused q/k/v Linear each (measured as three parts with split_qkv)."""
+    torch.manual_seed(seed)
+    blocks = [nn.Sequential(nn.Linear(64, 192), nn.Linear(64, 64)) for _ in range(2)]
+    model = nn.Sequential(nn.Linear(16, 64), *blocks, nn.Linear(64, 10))
+    for block in blocks:
+        block.qkv = block[0]  # the fused-projection name rule
+        del block._modules["0"]
+    return model
+
+
+def _tempbalance_qkv_run() -> dict:
+    import tempbalance
+
+    log = _measure_tracker()
+    model = _qkv_model()
+    opt = torch.optim.SGD(tempbalance.param_groups(model), lr=0.1)
+    tb = tempbalance.TempBalance(model, opt, split_qkv=True, warmup=1)
+    tb.rebalance()
+    return {"factors": dict(tb.factors), "metric": [x.metric for x in tb.history[-1].layers],
+            "measured": list(log["measured"])}
+
+
 def _worker_ddp(rank: int) -> dict:
     log = _measure_tracker()
     out = {"resnet": _dicts(distributed_analyze_layers(find_layers(_resnet())))}
@@ -413,6 +452,7 @@ def _worker_ddp(rank: int) -> dict:
     out["broken"] = _dicts(distributed_analyze_layers(broken, AnalysisOptions(keep_eigenvalues=True)))
     out["train"] = _train_ddp(rank)
     out["tempbalance"] = _tempbalance_run(_resnet())
+    out["tempbalance_qkv"] = _tempbalance_qkv_run()
     return out
 
 

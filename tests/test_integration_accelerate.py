@@ -121,3 +121,17 @@ def test_register_once_and_rejects_stateless():
     assert len(accelerator._custom_objects) == before + 1
     with pytest.raises(ConfigError, match="state_dict"):
         register(accelerator, object())
+
+
+def test_attach_passes_balance_through():
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = _model(0)
+    optimizer = torch.optim.SGD(tempbalance.param_groups(model), lr=LR, weight_decay=1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    balancer = attach(accelerator, model, optimizer, balance="weight_decay", wd_s1=0.5, wd_s2=1.5)
+    assert balancer.balance == ("weight_decay",)
+    alphas = np.array([_median_hill_alpha(model[int(n)].weight.detach().numpy()) for n in BALANCED])
+    decays = 1e-3 * np.interp(alphas, [alphas.min(), alphas.max()], [0.5, 1.5])
+    for name, decay in zip(BALANCED, decays):
+        group = next(g for g in optimizer.param_groups if g.get("tb_layer") == name)
+        assert group["weight_decay"] == pytest.approx(decay, rel=1e-9) and group["lr"] == LR

@@ -188,3 +188,25 @@ def test_bad_options_and_unit_mismatch():
     callback = TempBalanceCallback(unit="step")
     with pytest.raises(ConfigError, match="differs from the LR scheduler's interval='epoch'"):
         _fit(_trainer(1, callback), Module("epoch"))
+
+
+class DecayModule(Module):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(tempbalance.param_groups(self), lr=LR, momentum=0.9, weight_decay=1e-2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: DECAY ** i)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def test_balance_weight_decay_passes_through():
+    module = DecayModule("epoch")
+    callback = TempBalanceCallback(balance=("lr", "weight_decay"), wd_s1=0.25, wd_s2=2.0)
+    trainer = _trainer(2, callback)
+    _fit(trainer, module)
+    alphas = np.array([_median_hill_alpha(module.get_submodule(n).weight.detach().numpy()) for n in BALANCED])
+    decays = 1e-2 * np.interp(alphas, [alphas.min(), alphas.max()], [0.25, 2.0])  # AlphaDecay's map
+    optimizer = trainer.optimizers[0]
+    for name, decay, factor in zip(BALANCED, decays, _linear_map(alphas)):
+        group = _group_of(optimizer, module.get_submodule(name).weight)
+        assert group["weight_decay"] == pytest.approx(decay, rel=1e-9)
+        assert group["lr"] == pytest.approx(LR * DECAY ** 2 * factor, rel=1e-9)
+    assert _group_of(optimizer, module.net[0].weight)["weight_decay"] == 1e-2

@@ -208,3 +208,22 @@ def test_bad_arguments(tmp_path):
                                              eval_strategy="steps", report_to="none", use_cpu=True)
     with pytest.raises(ConfigError, match="reduce_lr_on_plateau"):
         create_optimizer_and_scheduler(model, plateau, 6)
+
+
+def test_balance_weight_decay_passes_through(tmp_path):
+    model = _gpt2()
+    args = _args(tmp_path, weight_decay=0.01)
+    optimizer, scheduler = create_optimizer_and_scheduler(model, args, STEPS, interval=INTERVAL, balance="weight_decay")
+    entry = scheduler.history[-1]
+    alphas = np.array([x.alpha for x in entry.layers])
+    decays = dict(zip(scheduler.layers, 0.01 * np.interp(alphas, [alphas.min(), alphas.max()], [0.5, 1.5])))
+    for group in optimizer.param_groups:
+        if group["name"].endswith("no_decay"):
+            assert group["weight_decay"] == 0.0  # biases and norms stay without decay
+        elif "tb_layer" in group:
+            assert group["weight_decay"] == pytest.approx(decays[group["tb_layer"]], rel=1e-9)
+    modules = dict(model.named_modules())
+    for name in scheduler.layers:  # the recorded alphas are those of the weights, re-derived here
+        w = modules[name].weight.detach().numpy()
+        assert dict(zip(scheduler.layers, alphas))[name] == pytest.approx(_median_hill_alpha(w), rel=1e-8)
+    assert {x.factor for x in entry.layers} == {1.0}

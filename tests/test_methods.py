@@ -13,9 +13,10 @@ import tempbalance
 from tempbalance.errors import ConfigError
 from tempbalance.regularize import SpectralNormRegularizer
 from tempbalance.train import METHODS, TrainConfig, build_method
-from tempbalance.train.methods import balanced_rates, global_lr
+from tempbalance.train.methods import balanced_rates, balanced_weight_decays, global_lr
 
 PAPER_METHODS = {"cal", "snr", "tb", "tb+snr", "sgdr", "lars", "lamb", "lookahead", "sgdp", "tb+sgdp"}
+FOLLOW_UP_METHODS = {"alphadecay", "tb+alphadecay"}
 needs_scheduler = pytest.mark.skipif(
     not hasattr(tempbalance, "TempBalance"), reason="tempbalance.TempBalance not built yet"
 )
@@ -38,10 +39,10 @@ def config(method: str, **overrides) -> TrainConfig:
 
 
 def test_registry_has_every_paper_method():
-    assert set(METHODS) == PAPER_METHODS
+    assert set(METHODS) == PAPER_METHODS | FOLLOW_UP_METHODS
 
 
-@pytest.mark.parametrize("method", sorted(PAPER_METHODS))
+@pytest.mark.parametrize("method", sorted(PAPER_METHODS | FOLLOW_UP_METHODS))
 def test_every_method_takes_a_step(method):
     if method.startswith("tb") and not hasattr(tempbalance, "TempBalance"):
         pytest.skip("tempbalance.TempBalance not built yet")
@@ -62,7 +63,7 @@ def test_every_method_takes_a_step(method):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert global_lr(parts.optimizer) > 0
     assert (parts.regularizer is not None) == method.endswith("snr")
-    assert (parts.balancer is not None) == method.startswith("tb")
+    assert (parts.balancer is not None) == (method.startswith("tb") or method == "alphadecay")
     state = parts.scheduler.state_dict()
     fresh = build_method(tiny_model(), config(method))
     fresh.scheduler.load_state_dict(state)
@@ -135,6 +136,39 @@ def test_balanced_methods_spread_rates_between_s1_and_s2(method):
     # the linear map follows alpha: the layer with the larger alpha gets the larger rate
     alphas = {entry.layer: entry.alpha for entry in parts.balancer.history[-1].layers}
     assert max(rates, key=rates.get) == max(alphas, key=alphas.get)
+
+
+@needs_scheduler
+@pytest.mark.parametrize("method, lr_balanced", [("alphadecay", False), ("tb+alphadecay", True)])
+def test_alphadecay_methods_spread_weight_decays_between_wd_s1_and_wd_s2(method, lr_balanced):
+    model = tiny_model()
+    parts = build_method(model, config(method, lr=0.2, weight_decay=1e-3, wd_s1=0.25, wd_s2=2.0, s1=0.6, s2=1.4))
+    decays = balanced_weight_decays(parts.optimizer)
+    assert sorted(decays.values()) == pytest.approx([0.25e-3, 2.0e-3])
+    alphas = {entry.layer: entry.alpha for entry in parts.balancer.history[-1].layers}
+    assert max(decays, key=decays.get) == max(alphas, key=alphas.get)  # larger alpha, larger decay
+    rates = sorted(balanced_rates(parts.optimizer).values())
+    assert rates == (pytest.approx([0.6 * 0.2, 1.4 * 0.2]) if lr_balanced else [0.2, 0.2])
+    rest = [g for g in parts.optimizer.param_groups if "tb_layer" not in g]
+    assert [g["weight_decay"] for g in rest] == [1e-3]
+
+
+def test_paper_norm_rule_and_normalize_reach_the_balancer():
+    model = tiny_model()
+    parts = build_method(model, config("tb", norm_follows="name", normalize="mean"))
+    assert parts.balancer.plan.selection.norm_follows == "name"
+    assert all(not layer.norms for layer in parts.balancer.plan.layers)  # Sequential names: no bn -> conv partner
+    assert sum(parts.balancer.factors.values()) == pytest.approx(len(parts.balancer.factors), rel=1e-12)
+    with pytest.raises(ConfigError, match="unknown normalize 'median'"):
+        config("tb", normalize="median").validate()
+    with pytest.raises(ConfigError, match=r"wd_s1=2.0 > wd_s2=1.5"):
+        config("alphadecay", wd_s1=2.0).validate()
+
+
+def test_the_old_name_of_asynchronous_is_read():
+    assert TrainConfig.from_dict({"tb_async": True}).asynchronous is True
+    with pytest.raises(ConfigError, match="contradicts asynchronous=False"):
+        TrainConfig.from_dict({"tb_async": True, "asynchronous": False})
 
 
 def test_unknown_method_lists_the_accepted_ones():

@@ -475,15 +475,20 @@ def test_drop_in_after_the_optimizer_has_state_is_refused():
         TempBalance(model, opt)
 
 
-def test_groups_built_with_other_options_are_refused():
+def test_the_selection_comes_from_the_groups_and_another_one_is_refused():
     model = SmallNet()
     opt = torch.optim.SGD(tempbalance.param_groups(model, norm_follows="none"), lr=0.1)
-    with pytest.raises(ConfigError, match="do not match the layers TempBalance balances"):
-        TempBalance(model, opt)
+    tb = TempBalance(model, opt)  # the selection recorded by param_groups
+    assert tb.plan.selection.norm_follows == "none" and all(not x.norms for x in tb.plan.layers)
+    with pytest.raises(ConfigError, match="norm_follows='order' differs from the norm_follows='none'"):
+        TempBalance(model, opt, norm_follows="order")
     opt = torch.optim.SGD(tempbalance.param_groups(model, eigs_thresh=200), lr=0.1)
-    with pytest.raises(ConfigError, match="do not match"):
-        TempBalance(model, opt)
     TempBalance(model, opt, eigs_thresh=200)  # the same options: fine
+    groups = tempbalance.param_groups(model, norm_follows="none")
+    for group in groups:  # tagged by hand (no recorded selection): audited against the options
+        del group["tb_selection"]
+    with pytest.raises(ConfigError, match="do not match the layers TempBalance balances"):
+        TempBalance(model, torch.optim.SGD(groups, lr=0.1))
 
 
 @pytest.mark.parametrize(

@@ -315,9 +315,9 @@ def test_tb_async_run_stops_resumes_and_logs_alphas(tmp_path, capsys):
     ]
     assert cli_main(argv) == 0
     assert load_checkpoint(out)["scheduler"]["pending"] == 1  # saved while the worker measured epoch 1
-    summary = run_training(tiny(out, method="tb", tb_async=True, resume=True))
+    summary = run_training(tiny(out, method="tb", asynchronous=True, resume=True))
     assert summary["status"] == "finished" and summary["epochs_done"] == 3
-    assert json.loads((out / "config.json").read_text())["tb_async"] is True
+    assert json.loads((out / "config.json").read_text())["asynchronous"] is True
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2, 3]
     for row in rows:

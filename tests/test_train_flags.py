@@ -31,7 +31,7 @@ OLD_OPTIONS = {
 }
 OLD_SWITCHES = {
     "--resume": ("resume", True), "--download": ("download", True), "--compile": ("compile", True),
-    "--tb-async": ("tb_async", True), "--sync-bn": ("sync_bn", True), "--no-progress": ("progress", False),
+    "--tb-async": ("asynchronous", True), "--sync-bn": ("sync_bn", True), "--no-progress": ("progress", False),
     "--no-augment": ("augment", False), "--no-deterministic": ("deterministic", False),
 }
 

@@ -27,6 +27,11 @@ __all__ = [
     "create_assign",
     "assign_options",
     "get_metric",
+    "check_range",
+    "check_normalize",
+    "NORMALIZE",
+    "normalize_factors",
+    "takes_names",
     "linear",
     "sqrt",
     "log2",
@@ -35,7 +40,14 @@ __all__ = [
 ]
 
 AssignFn = Callable[[np.ndarray], np.ndarray]
-"""``fn(values) -> factors``: 1-D float64 metric values to factors of the same length."""
+"""``fn(values) -> factors``: 1-D float64 metric values to factors of the same length. A function
+that also takes a keyword argument ``names`` gets the layer names of the values (in the same
+order) from :class:`tempbalance.TempBalance`, e.g. to average them per block."""
+
+NORMALIZE = ("none", "mean")
+"""``normalize=`` of the scheduler: ``"none"`` (or None, default): the factors as the assignment
+function gives them; ``"mean"``: divided by their mean, so that the average balanced factor is 1
+(the balance is kept, the shift of the average rate removed)."""
 
 ASSIGN_FUNCTIONS: dict[str, Callable[..., AssignFn]] = {}
 ASSIGN_ALIASES = {
@@ -71,13 +83,23 @@ def _number(name: str, value: Any) -> float:
     return float(value)
 
 
-def _ratios(s1: Any, s2: Any) -> tuple[float, float]:
-    s1, s2 = _number("s1", s1), _number("s2", s2)
+def check_range(s1: Any, s2: Any, names: tuple[str, str] = ("s1", "s2")) -> tuple[float, float]:
+    """Validate a factor range ``0 < s1 <= s2`` (finite); the error names the values as ``names``.
+
+    Raises:
+        ConfigError: naming the bad value and the rule.
+    """
+    low, high = names
+    s1, s2 = _number(low, s1), _number(high, s2)
     if s1 <= 0:
-        raise ConfigError(f"s1={s1!r} must be > 0 (it is the smallest learning-rate factor)")
+        raise ConfigError(f"{low}={s1!r} must be > 0 (it is the smallest factor)")
     if s1 > s2:
-        raise ConfigError(f"s1={s1!r} must be <= s2={s2!r} (s1 is the smallest factor, s2 the largest)")
+        raise ConfigError(f"{low}={s1!r} must be <= {high}={s2!r} ({low} is the smallest factor, {high} the largest)")
     return s1, s2
+
+
+def _ratios(s1: Any, s2: Any) -> tuple[float, float]:
+    return check_range(s1, s2)
 
 
 def _all_equal(values: np.ndarray) -> bool:
@@ -178,6 +200,37 @@ def sigmoid(tau: float = 10.0, s: float = 1.0, s_below: float | None = None) -> 
         return np.power(10.0, phi)
 
     return assign
+
+
+def normalize_factors(factors: np.ndarray, normalize: str | None) -> np.ndarray:
+    """Apply ``normalize`` (see :data:`NORMALIZE`) to 1-D factors. With ``"mean"``, the finite
+    factors > 0 are divided by their mean (the others are left for the caller to reject)."""
+    if normalize in (None, "none") or factors.size == 0:
+        return factors
+    valid = np.isfinite(factors) & (factors > 0)
+    if not valid.any():
+        return factors
+    out = factors.copy()
+    out[valid] = factors[valid] / factors[valid].mean()
+    return out
+
+
+def check_normalize(normalize: Any) -> str:
+    """``normalize`` as one of :data:`NORMALIZE` (None is ``"none"``); else ConfigError."""
+    value = "none" if normalize is None else normalize
+    if value not in NORMALIZE:
+        raise ConfigError(f"normalize={normalize!r} is not one of {NORMALIZE} (or None)")
+    return value
+
+
+def takes_names(fn: Callable[..., Any]) -> bool:
+    """True when ``fn`` accepts a keyword argument ``names`` (the layer names of its values)."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    p = parameters.get("names")
+    return p is not None and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
 
 
 def _resolve(name: str) -> str:

@@ -19,7 +19,7 @@ import torch
 from .analysis import AnalysisOptions, LayerRecord, analyze_layers
 from .layers import LayerRef
 
-__all__ = ["BackgroundMeasurement", "snapshot_refs"]
+__all__ = ["ThreadMeasurement", "snapshot_refs"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +40,17 @@ def snapshot_refs(refs: Sequence[LayerRef]) -> list[LayerRef]:
     return out
 
 
-class BackgroundMeasurement:
-    """At most one measurement in flight, on one worker thread.
+class ThreadMeasurement:
+    """At most one measurement in flight, on one worker thread (a
+    :class:`tempbalance.measure.Measurement`).
 
     Args:
         refs: the layers to measure (the live model's).
         options: the measurement settings.
 
-    Use :meth:`start` with a label (the scheduler's step), :meth:`poll` from the training thread
-    to collect a finished result without waiting, :meth:`wait` to block for it. An exception in
-    the worker is raised again by :meth:`poll` / :meth:`wait`.
+    :meth:`submit` with a label (the scheduler's step) snapshots the weights and starts the
+    worker; :meth:`ready` tells from the training thread whether it finished, :meth:`wait`
+    blocks for the result. An exception in the worker is raised again by :meth:`wait`.
     """
 
     def __init__(self, refs: Sequence[LayerRef], options: AnalysisOptions) -> None:
@@ -64,7 +65,7 @@ class BackgroundMeasurement:
         """The label of the measurement in flight (or finished but not collected), else None."""
         return self._label
 
-    def start(self, label: int) -> None:
+    def submit(self, label: int) -> None:
         """Snapshot the weights now and measure them on the worker thread.
 
         Raises:
@@ -79,11 +80,9 @@ class BackgroundMeasurement:
         self._label = label
         logger.debug("TempBalance: background measurement of step %d started (%d layers)", label, len(snapshot))
 
-    def poll(self) -> tuple[int, list[LayerRecord]] | None:
-        """``(label, records)`` when the pending measurement has finished, else None (no wait)."""
-        if self._future is None or not self._future.done():
-            return None
-        return self._collect()
+    def ready(self) -> bool:
+        """True when the pending measurement has finished (:meth:`wait` will not block)."""
+        return self._future is not None and self._future.done()
 
     def wait(self) -> tuple[int, list[LayerRecord]] | None:
         """Block until the pending measurement finishes; ``(label, records)``, or None if none."""
@@ -97,9 +96,10 @@ class BackgroundMeasurement:
         assert future is not None and label is not None
         return label, future.result()
 
-    def close(self) -> None:
-        """Drop any pending result and stop the worker thread (after its current measurement)."""
+    def close(self, wait: bool = True) -> None:
+        """Drop any pending result and stop the worker thread; with ``wait``, return once it has
+        ended (after the measurement it is running, if any)."""
         self._future, self._label = None, None
         if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor.shutdown(wait=wait, cancel_futures=True)
             self._executor = None

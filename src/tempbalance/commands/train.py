@@ -37,6 +37,9 @@ def _choices() -> dict[str, Callable[[], Iterable[str]]]:
         "fit": lambda: config.FITS,
         "metric": lambda: config.METRICS,
         "amp": lambda: config.AMP_MODES,
+        "normalize": lambda: config.NORMALIZE,
+        "norm_follows": lambda: config.NORM_FOLLOWS,
+        "esd": lambda: config.ESD_MODES,
     }
 
 

@@ -64,8 +64,8 @@ def attach(
         model: the prepared model.
         optimizer: the prepared optimizer, built on :func:`tempbalance.param_groups`.
         base_scheduler: the schedule the factors ride on (or None: a constant base rate).
-        **tempbalance_options: passed to :class:`tempbalance.TempBalance` (``interval``,
-            ``warmup``, ``assign``, ``s1``, ``s2``, ...).
+        **tempbalance_options: passed to :class:`tempbalance.TempBalance` (``balance``,
+            ``interval``, ``warmup``, ``assign``, ``s1``, ``s2``, ``wd_s1``, ``wd_s2``, ...).
     """
     from .. import TempBalance
 

@@ -52,10 +52,10 @@ class TempBalanceCallback(pl.Callback):
             ``"epoch"`` without a scheduler. Giving a unit that differs from the scheduler's
             is an error (the base schedule would change speed).
         warmup: scheduler steps of plain training before the first rebalance. Default 0.
-        **tempbalance_options: passed to :class:`tempbalance.TempBalance` (``fit``,
-            ``metric``, ``assign``, ``s1``, ``s2``, ``remove_first``, ``remove_last``,
-            ``eigs_thresh``, ``norm_follows``, ``types``, ``conv_mode``, analysis options);
-            use the same selection options in :func:`tempbalance.param_groups`.
+        **tempbalance_options: passed to :class:`tempbalance.TempBalance` (``balance``
+            (``"lr"``, ``"weight_decay"`` for AlphaDecay, or both), ``fit``, ``metric``,
+            ``assign``, ``s1``, ``s2``, ``wd_s1``, ``wd_s2``, ``normalize``, ``split_qkv``,
+            analysis options); give the layer selection to :func:`tempbalance.param_groups`.
 
     Attributes:
         balancer: the ``TempBalance`` object once ``fit`` has started (else None).

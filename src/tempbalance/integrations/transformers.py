@@ -64,8 +64,9 @@ def create_optimizer_and_scheduler(
         interval: rebalance every ``interval`` optimizer steps. Default 100.
         warmup: optimizer steps of plain training before the first rebalance. Default 0.
         no_decay_norm_bias: exclude biases and norm parameters from weight decay. Default True.
-        **tempbalance_options: passed to :class:`tempbalance.TempBalance` (``assign``, ``s1``,
-            ``s2``, ``metric``, ``fit``, ..., or ``**model_balancing(model)`` from
+        **tempbalance_options: passed to :class:`tempbalance.TempBalance` (``balance``
+            (``"weight_decay"``: AlphaDecay on ``args.weight_decay``), ``assign``, ``s1``, ``s2``,
+            ``wd_s1``, ``wd_s2``, ``metric``, ``fit``, ..., or ``**model_balancing(model)`` from
             :mod:`tempbalance.transformer_layers`); the layer-selection options
             (``remove_first``, ``remove_last``, ``eigs_thresh``, ``norm_follows``, ``types``,
             ``conv_mode``) also go to :func:`tempbalance.param_groups`.

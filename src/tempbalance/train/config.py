@@ -26,11 +26,17 @@ __all__ = [
     "FITS",
     "METRICS",
     "parse_value",
+    "RENAMED_FIELDS",
 ]
 
 FITS = ("median", "ks", "fix-finger")
 METRICS = ("alpha", "alphahat", "spectral_norm")
 AMP_MODES = ("auto", "bf16", "off")
+NORMALIZE = ("none", "mean")
+NORM_FOLLOWS = ("order", "name", "none")
+
+# Old field names still read from config.json, checkpoints and sweep files: old -> new.
+RENAMED_FIELDS = {"tb_async": "asynchronous"}
 
 # Fields that never change a number of the run: a resumed run may change them freely.
 BOOKKEEPING_FIELDS = frozenset(
@@ -72,9 +78,15 @@ class TrainConfig:
         fit: power-law fit, one of ``FITS``, default ``"median"``.
         esd: TempBalance's spectrum, ``"full"`` (default, the published rule) or ``"farms"`` (pooled over
             fixed-aspect-ratio windows, ``TempBalance(esd="farms")``; docs/farms.md).
-        tb_async: TempBalance measures a snapshot of the weights on a worker thread and applies the
+        asynchronous: TempBalance measures a snapshot of the weights on a worker thread and applies the
             factors when ready (``TempBalance(asynchronous=True)``), default False; single process only.
             An epoch's logged ``alpha`` is then that of the last measurement applied by its end.
+            (Called ``tb_async`` before 0.2; that name is still read.)
+        wd_s1: AlphaDecay's lowest weight-decay factor (``alphadecay`` methods), default 0.5.
+        wd_s2: AlphaDecay's highest weight-decay factor (``alphadecay`` methods), default 1.5.
+        normalize: ``"mean"`` divides the balancing factors by their mean (average factor 1), default ``"none"``.
+        norm_follows: which layer a norm layer follows for balancing: ``"order"`` (default), ``"name"`` (the
+            reference's ``bn`` -> ``conv`` rule, used by ``configs/paper``) or ``"none"``.
         snr_coef: spectral-norm regularisation coefficient for the ``snr`` methods, default 0.01.
         snr_power_iterations: power iterations per step for SNR, default 1.
         sgdr_t0: restart period (epochs) of ``sgdr``, default 100 (``T_mult = 1``).
@@ -119,7 +131,11 @@ class TrainConfig:
     metric: str = "alpha"
     fit: str = "median"
     esd: str = "full"
-    tb_async: bool = False
+    asynchronous: bool = field(default=False, metadata={"flags": ("--asynchronous", "--tb-async")})
+    wd_s1: float = 0.5
+    wd_s2: float = 1.5
+    normalize: str = "none"
+    norm_follows: str = "order"
     snr_coef: float = 0.01
     snr_power_iterations: int = 1
     sgdr_t0: int = 100
@@ -151,9 +167,22 @@ class TrainConfig:
         described = _attribute_docs(cls.__doc__ or "")
         return {name: described.get(name, "") for name in cls.field_names()}
 
+    @staticmethod
+    def upgrade_dict(values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` with old field names (:data:`RENAMED_FIELDS`) under their new names."""
+        out = dict(values)
+        for old, new in RENAMED_FIELDS.items():
+            if old in out:
+                if new in out and out[new] != out[old]:
+                    raise ConfigError(f"{old}={out[old]!r} (the old name of {new}) contradicts {new}={out[new]!r}")
+                out[new] = out.pop(old)
+        return out
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        """Build from a mapping; an unknown key is an error that lists the accepted ones."""
+        """Build from a mapping (old field names accepted); an unknown key is an error that lists
+        the accepted ones."""
+        values = cls.upgrade_dict(values)
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
             raise ConfigError(f"unknown training setting(s) {unknown}; accepted: {', '.join(cls.field_names())}")
@@ -171,7 +200,7 @@ class TrainConfig:
         """
         from .rundir import recorded_settings
 
-        recorded = recorded_settings(out) or {}
+        recorded = cls.upgrade_dict(recorded_settings(out) or {})
         known = set(cls.field_names()) - NOT_READ_BACK
         values = {key: value for key, value in recorded.items() if key in known}
         return cls.from_dict({**values, **given, "out": os.fspath(out), "resume": True})
@@ -185,6 +214,7 @@ class TrainConfig:
         outside :data:`RESULT_NEUTRAL_FIELDS`) and differs from a run's ``recorded`` settings; a
         field ``recorded`` lacks had its default when the run was saved."""
         defaults = TrainConfig().to_dict()
+        recorded = TrainConfig.upgrade_dict(recorded)  # a run saved under old field names
         current = self.to_dict()
         return [
             f"{name}: {recorded.get(name, defaults[name])!r} -> {current[name]!r}"
@@ -231,11 +261,21 @@ class TrainConfig:
         _finite("width", self.width, low=0.0, low_open=True)
         _finite("s1", self.s1, low=0.0, low_open=True)
         _finite("s2", self.s2, low=0.0)
+        _finite("wd_s1", self.wd_s1, low=0.0, low_open=True)
+        _finite("wd_s2", self.wd_s2, low=0.0)
         _finite("snr_coef", self.snr_coef, low=0.0)
         _finite("lars_trust", self.lars_trust, low=0.0, low_open=True)
         _finite("lookahead_alpha", self.lookahead_alpha, low=0.0, low_open=True)
         if self.s1 > self.s2:
             raise ConfigError(f"s1={self.s1} > s2={self.s2}; need s1 <= s2 (lowest and highest lr factor)")
+        if self.wd_s1 > self.wd_s2:
+            raise ConfigError(
+                f"wd_s1={self.wd_s1} > wd_s2={self.wd_s2}; need wd_s1 <= wd_s2 (lowest and highest weight-decay factor)"
+            )
+        if self.normalize not in NORMALIZE:
+            raise ConfigError(f"unknown normalize {self.normalize!r}; accepted: {', '.join(NORMALIZE)}")
+        if self.norm_follows not in NORM_FOLLOWS:
+            raise ConfigError(f"unknown norm_follows {self.norm_follows!r}; accepted: {', '.join(NORM_FOLLOWS)}")
         _finite("train_fraction", self.train_fraction, low=0.0, low_open=True)
         if self.train_fraction > 1:
             raise ConfigError(f"train_fraction={self.train_fraction} must be in (0, 1]")

@@ -28,7 +28,7 @@ from .data.loading import check_data_source
 from .devices import resolve_device
 from .distributed_run import DistContext, StopVote, detect_launch, distributed_context, rank_seed, summed, wrap_model
 from .divergence import DivergenceError, LossWatch, check_epoch
-from .methods import MethodParts, balanced_rates, build_method, global_lr
+from .methods import MethodParts, balanced_rates, balanced_weight_decays, build_method, global_lr
 from .metrics import MetricsWriter
 from .resume import OpenedRun, open_run
 from .rundir import CONFIG_NAME, SUMMARY_NAME
@@ -257,7 +257,8 @@ def run_training(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     With ``config.out`` set, the run directory gets ``config.json`` (every resolved setting),
     ``metrics.jsonl`` / ``metrics.csv`` (one row per epoch: ``epoch``, ``lr`` (global rate used),
     ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc`` (accuracies in %), ``epoch_time`` (s)
-    and, when balancing, ``alpha`` / ``layer_lr`` per layer), ``checkpoint.pt`` after every epoch
+    and, when balancing, ``alpha`` / ``layer_lr`` (and ``layer_wd`` when the weight decay is balanced) per
+    layer), ``checkpoint.pt`` after every epoch
     (``checkpoint.prev.pt`` the one before), and ``summary.json`` once finished. Every file is
     replaced atomically, and the metrics are written after the epoch's checkpoint (never ahead of it).
     While it trains, the run holds the directory's lock: another process trying the same directory
@@ -533,6 +534,7 @@ def _train(
                 train_loss, train_acc = trained
                 rates = balanced_rates(parts.optimizer)  # as the epoch ended (an async rebalance lands mid-epoch)
                 kept = f"the checkpoint of epoch {epoch} in {out}" if out is not None else None
+                decays = balanced_weight_decays(parts.optimizer)
                 if not math.isfinite(train_loss):
                     check_epoch(epoch + 1, {"train loss": train_loss}, model, lr=config.lr, method=config.method,
                                 kept=kept)
@@ -556,6 +558,8 @@ def _train(
                 if parts.balancer is not None:
                     row["alpha"] = _layer_alphas(parts)
                     row["layer_lr"] = rates
+                    if "weight_decay" in parts.balancer.balance:
+                        row["layer_wd"] = decays
                 rows.append(row)
                 if out is not None:
                     save(epoch + 1)

@@ -16,7 +16,9 @@ from ..regularize import SpectralNormRegularizer
 if TYPE_CHECKING:  # config.py imports this registry to validate method names
     from .config import TrainConfig
 
-__all__ = ["MethodParts", "METHODS", "register_method", "build_method", "global_lr", "balanced_rates"]
+__all__ = [
+    "MethodParts", "METHODS", "register_method", "build_method", "global_lr", "balanced_rates", "balanced_weight_decays",
+]
 
 
 @dataclass
@@ -28,7 +30,8 @@ class MethodParts:
         scheduler: steps once per epoch, after the epoch (a ``TempBalance`` for the ``tb`` methods,
             which steps its base schedule itself); has ``state_dict()``/``load_state_dict()``.
         regularizer: a :class:`SpectralNormRegularizer` to ``apply()`` after ``backward()``, or None.
-        balancer: the ``TempBalance`` object when the method balances (same as ``scheduler``), else None.
+        balancer: the ``TempBalance`` object when the method balances (same as ``scheduler``), else None;
+            its learning rate (``tb`` methods), its weight decay (``alphadecay``) or both.
     """
 
     optimizer: torch.optim.Optimizer
@@ -82,22 +85,29 @@ def _snr(model: nn.Module, config: TrainConfig) -> SpectralNormRegularizer:
     return SpectralNormRegularizer(model, config.snr_coef, power_iterations=config.snr_power_iterations)
 
 
-def _balanced(model: nn.Module, config: TrainConfig, make_optimizer) -> tuple[torch.optim.Optimizer, Any]:
-    """An optimizer over TempBalance's per-layer groups, a cosine base schedule, and TempBalance on top."""
+def _balanced(
+    model: nn.Module, config: TrainConfig, make_optimizer, balance: tuple[str, ...] = ("lr",)
+) -> tuple[torch.optim.Optimizer, Any]:
+    """An optimizer over TempBalance's per-layer groups (built with ``config.norm_follows``), a cosine
+    base schedule, and TempBalance on top balancing ``balance``."""
     import tempbalance
 
-    groups = tempbalance.param_groups(model, weight_decay=config.weight_decay)
+    groups = tempbalance.param_groups(model, weight_decay=config.weight_decay, norm_follows=config.norm_follows)
     optimizer = make_optimizer(groups, config)
     balancer = tempbalance.TempBalance(
         model,
         optimizer,
         _cosine(optimizer, config),
+        balance=balance,
         fit=config.fit,
         metric=config.metric,
         assign=config.assign,
         s1=config.s1,
         s2=config.s2,
-        asynchronous=config.tb_async,
+        wd_s1=config.wd_s1,
+        wd_s2=config.wd_s2,
+        normalize=config.normalize,
+        asynchronous=config.asynchronous,
         esd=config.esd,
     )
     return optimizer, balancer
@@ -180,6 +190,20 @@ def _tb_sgdp(model: nn.Module, config: TrainConfig) -> MethodParts:
     return MethodParts(optimizer, balancer, balancer=balancer)
 
 
+@register_method("alphadecay")
+def _alphadecay(model: nn.Module, config: TrainConfig) -> MethodParts:
+    """SGD + cosine with AlphaDecay's per-layer weight decay (alpha mapped onto [wd_s1, wd_s2] x weight_decay)."""
+    optimizer, balancer = _balanced(model, config, _sgd, balance=("weight_decay",))
+    return MethodParts(optimizer, balancer, balancer=balancer)
+
+
+@register_method("tb+alphadecay")
+def _tb_alphadecay(model: nn.Module, config: TrainConfig) -> MethodParts:
+    """TempBalance's per-layer rates and AlphaDecay's per-layer weight decay from the same measurement."""
+    optimizer, balancer = _balanced(model, config, _sgd, balance=("lr", "weight_decay"))
+    return MethodParts(optimizer, balancer, balancer=balancer)
+
+
 def global_lr(optimizer: torch.optim.Optimizer) -> float:
     """The global (unbalanced) rate: the ``"rest"`` group's lr, else the first group that is not
     a balanced layer's, else group 0's."""
@@ -191,11 +215,20 @@ def global_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(plain[0]["lr"])
 
 
+def _balanced_values(optimizer: torch.optim.Optimizer, key: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        if "tb_layer" in group:
+            values.setdefault(group["tb_layer"], float(group[key]))
+    return values
+
+
 def balanced_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """Layer name -> current lr of every balanced layer (groups tagged ``tb_layer`` by
     :func:`tempbalance.param_groups`; empty when not balancing)."""
-    rates: dict[str, float] = {}
-    for group in optimizer.param_groups:
-        if "tb_layer" in group:
-            rates.setdefault(group["tb_layer"], float(group["lr"]))
-    return rates
+    return _balanced_values(optimizer, "lr")
+
+
+def balanced_weight_decays(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Layer name -> current weight decay of every balanced layer (its first group)."""
+    return _balanced_values(optimizer, "weight_decay")

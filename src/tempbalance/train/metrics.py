@@ -1,7 +1,7 @@
 """Per-epoch metrics of a run: ``metrics.jsonl``, ``metrics.csv`` and (when installed) TensorBoard.
 
-Rows are plain dicts; per-layer values sit in nested ``alpha`` / ``layer_lr`` dicts (flattened in the CSV).
-``metrics.jsonl`` is strict JSON: a non-finite number is written as ``null``.
+Rows are plain dicts; per-layer values sit in nested ``alpha`` / ``layer_lr`` / ``layer_wd`` dicts (flattened
+in the CSV). ``metrics.jsonl`` is strict JSON: a non-finite number is written as ``null``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ __all__ = ["MetricsWriter", "MetricsError", "read_metrics", "flatten_row", "REQU
 
 log = logging.getLogger(__name__)
 
-NESTED_KEYS = ("alpha", "layer_lr")
+NESTED_KEYS = ("alpha", "layer_lr", "layer_wd")
 # What every row holds (numbers; the report needs them).
 REQUIRED_COLUMNS = ("epoch", "test_acc")
 

@@ -1,5 +1,6 @@
 """Tables and plots from a directory of finished runs: mean ± std of final and best test accuracy
-per setting and method, paired differences against ``cal``, accuracy curves, alpha / rate heat maps.
+per setting and method, paired differences against ``cal``, accuracy curves, alpha / rate / weight-decay
+heat maps.
 
 Only finished runs whose files agree enter the tables and the plots; unfinished runs are listed,
 and a run whose files cannot be read is listed with the reason (one warning naming the file).
@@ -251,8 +252,8 @@ def _slug(text: str) -> str:
 
 
 def _plots(runs: list[RunResult], directory: Path) -> list[Path]:
-    """Accuracy curves per setting; alpha, rate and factor heat maps of the lowest seed of each balanced
-    method; finished runs only (the runs of the tables)."""
+    """Accuracy curves per setting; alpha, rate and factor heat maps (and weight-decay ones when it is balanced)
+    of the lowest seed of each balanced method; finished runs only (the runs of the tables)."""
     from .. import plots
 
     written: list[Path] = []
@@ -295,6 +296,13 @@ def _heatmaps(plots: Any, run: RunResult, stem: Path) -> list[Path]:
             [[_ratio(row.get("layer_lr", {}).get(layer), row.get("lr")) for row in rows] for layer in layers],
         ),
     }
+    if any(row.get("layer_wd") for row in rows):
+        base = run.config.get("weight_decay")
+        maps["wd"] = ("weight decay", [[_number(row.get("layer_wd", {}).get(layer)) for row in rows] for layer in layers])
+        maps["wd_factor"] = (
+            "weight-decay factor (weight decay / global weight decay)",
+            [[_ratio(row.get("layer_wd", {}).get(layer), base) for row in rows] for layer in layers],
+        )
     written = []
     for suffix, (label, table) in maps.items():
         values = np.array(table, dtype=np.float64)

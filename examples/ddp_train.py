@@ -3,6 +3,7 @@
 A tiny CNN learns a synthetic task (noisy copies of 10 random prototype images). Every rank gets the
 same per-layer learning rates; the spectra are split across ranks (tempbalance.distributed).
 
+    python examples/ddp_train.py                                    # one process (a group of one)
     torchrun --nproc-per-node 2 examples/ddp_train.py               # CPU, 2 processes (gloo)
     torchrun --nproc-per-node 8 examples/ddp_train.py --epochs 10   # 8 GPUs of one machine (NCCL)
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -42,7 +44,13 @@ def synthetic_data(samples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
 
 
 def setup() -> tuple[int, int, torch.device]:
-    """Join the process group that torchrun describes; one GPU per process when there are GPUs."""
+    """Join the process group that torchrun describes; one GPU per process when there are GPUs.
+    Started with plain ``python`` (no ``RANK`` set), it runs as a process group of one."""
+    if "RANK" not in os.environ:
+        print("not started by torchrun: running as one process "
+              "(for N processes: torchrun --nproc-per-node N examples/ddp_train.py)", flush=True)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -54,6 +62,12 @@ def setup() -> tuple[int, int, torch.device]:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # no core oversubscription
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:

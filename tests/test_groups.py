@@ -229,3 +229,15 @@ def test_tied_embedding_and_head_count_as_first_and_last():
     untied.head.weight = nn.Parameter(torch.randn(100, 64))
     assert plan_balance(untied).names == ["fc1", "fc2"]
     assert plan_balance(untied).skipped == {"emb": "first layer", "head": "last layer"}
+
+
+def test_the_repr_of_a_plan_is_a_summary_not_every_weight():
+    import torchvision
+
+    plan = plan_balance(torchvision.models.resnet18())
+    text = repr(plan)
+    assert text.startswith("BalancePlan(19 balanced layers [layer1.0.conv1") and "tensor" not in text
+    assert len(text) < 200
+    assert repr(plan.layers[0]) == (
+        "BalancedLayer('layer1.0.conv1', Conv2d (64, 64, 3, 3), 576 eigenvalues, 3 parameters, norms=['layer1.0.bn1'])"
+    )

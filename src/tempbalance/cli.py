@@ -62,16 +62,32 @@ def _print_error(text: str) -> None:
     sys.stderr.flush()
 
 
+SIGPIPE = 13
+
+
+def _silence_stdout() -> None:
+    """The reader of stdout is gone (``tempbalance ... | head``): send what is still buffered to
+    /dev/null, so the interpreter's last flush does not print a BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point. Returns the exit status (0 ok, 2 bad input, 1 unexpected error or a failed write,
-    130 interrupted)."""
+    130 interrupted, 141 when the reader of the output went away, e.g. ``| head``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s")
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that went away (``| head``) shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        _silence_stdout()
+        return 128 + SIGPIPE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

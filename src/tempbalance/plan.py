@@ -143,6 +143,12 @@ class BalancedLayer:
         """The shape of the layer's weight."""
         return tuple(int(s) for s in self.ref.weight.shape)
 
+    def __repr__(self) -> str:
+        norms = f", norms={self.norms}" if self.norms else ""
+        parts = f", parts={[p.name for p in self.parts]}" if self.parts != [self.ref] else ""
+        return (f"BalancedLayer({self.name!r}, {self.ref.kind} {self.shape}, {self.num_eigs} eigenvalues, "
+                f"{len(self.params)} parameters{norms}{parts})")
+
 
 @dataclass
 class BalancePlan:
@@ -163,7 +169,13 @@ class BalancePlan:
 
     @property
     def names(self) -> list[str]:
+        """Names of the balanced layers, in module order."""
         return [layer.name for layer in self.layers]
+
+    def __repr__(self) -> str:
+        shown = ", ".join(self.names[:4]) + (f", ... ({len(self.layers)} layers)" if len(self.layers) > 4 else "")
+        return (f"BalancePlan({len(self.layers)} balanced layers [{shown}], {len(self.skipped)} skipped, "
+                f"{len(self.norm_owner)} norm layers following)")
 
     @property
     def refs(self) -> list[LayerRef]:

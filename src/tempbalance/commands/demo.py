@@ -15,7 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=int, default=15, help="epochs per run (default 15)")
     parser.add_argument("--lr", type=float, default=0.2, help="initial learning rate of both methods (default 0.2)")
     parser.add_argument("--train-fraction", type=float, default=1.0, help="share of the training set (default 1)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: as the environment sets them, e.g. OMP_NUM_THREADS)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.set_defaults(func=run)

@@ -29,7 +29,7 @@ def run_demo(
     epochs: int = 15,
     lr: float = 0.2,
     train_fraction: float = 1.0,
-    threads: int | None = 2,
+    threads: int | None = None,
     progress: bool = True,
     plots: bool = True,
 ) -> dict[str, Any]:
@@ -43,7 +43,8 @@ def run_demo(
         epochs: epochs per run, default 15.
         lr: initial learning rate of both methods, default 0.2 (the probe's best for CAL).
         train_fraction: share of the 4000 training series used, default 1.
-        threads: torch CPU threads (None = leave as is), default 2.
+        threads: torch CPU threads; default None: leave them as the environment sets them
+            (``OMP_NUM_THREADS``, else torch's default).
         progress: tqdm bars on stderr.
         plots: write the PNG plots.
 

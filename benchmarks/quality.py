@@ -159,6 +159,11 @@ FARMS_CELLS = ("cifar10-sub", "mnist1d", "mnist1d-10pct", "mnist1d-5pct", "mnist
 for _name in FARMS_CELLS:
     CELLS[_name].methods[FARMS_LABEL] = {"method": "tb", "esd": "farms"}
     CELLS[_name].pairs += ((FARMS_LABEL, "tb"),)
+# normalize="mean" (issue 15 item 5): TB's factors divided by their mean, so the average balanced rate
+# is the untuned one; separates the balancing from the shift of the average rate.
+MEAN_LABEL = "tb-mean"
+CELLS["cifar10-sub"].methods[MEAN_LABEL] = {"method": "tb", "normalize": "mean"}
+CELLS["cifar10-sub"].pairs += ((MEAN_LABEL, "tb"),)
 CELLS["cifar10-long"] = Cell(
     {**CELLS["cifar10-sub"].base, "epochs": 30, "train_fraction": 0.05},
     (), {**CAL_TB, FARMS_LABEL: {"method": "tb", "esd": "farms"}}, fixed=(0.1, 5e-4), seeds=tuple(range(8)),
@@ -473,7 +478,12 @@ def report(out: Path, names: list[str]) -> str:
         "s/run = median training time of one run (epochs only, without data loading), on a shared machine.",
         "",
     ]
-    return "\n".join(header + [cell_report(out, name) + factor_report(out, name) for name in names])
+    return "\n".join(header + [cell_report(out, name) + factor_report(out, name, _balanced_labels(name)) for name in names])
+
+
+def _balanced_labels(name: str) -> tuple[str, ...]:
+    """The cell's TB-family labels whose learning-rate factors the factor table compares."""
+    return tuple(label for label in ("tb", FARMS_LABEL, MEAN_LABEL) if label in CELLS[name].methods)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -397,7 +397,7 @@ def analyze(
         include_frozen: include layers whose weight does not require grad (marked ``frozen``).
         progress: show a tqdm progress bar (if tqdm is installed).
         device: checkpoints only: where the spectra are computed (default cpu).
-        batch_bytes: checkpoints only: upcast weights per batched eigen pass (default 256 MiB).
+        batch_bytes: checkpoints only: upcast weights per batched eigen pass (default 64 MiB).
         journal: checkpoints only: a JSONL file receiving each finished tensor's records; an
             interrupted analysis run again with the same journal skips what it holds.
         allow_pickle: checkpoints only: unpickle torch files that hold more than tensors (a

@@ -32,7 +32,7 @@ __all__ = ["DEFAULT_BATCH_BYTES", "AnalysisJournal", "PlannedTensor", "analyze_c
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BATCH_BYTES = 256 << 20  # upcast weights gathered per batched eigen pass
+DEFAULT_BATCH_BYTES = 64 << 20  # upcast weights gathered per batched eigen pass
 JOURNAL_FORMAT = "tempbalance-analyze-journal"
 
 
@@ -310,7 +310,7 @@ def analyze_checkpoint(
         options: the measurement settings (default :class:`AnalysisOptions`).
         split_qkv: analyse fused q/k/v projections as three layers.
         device: where the spectra are computed (default cpu); one batch at a time goes there.
-        batch_bytes: upcast weights gathered per batched eigen pass (default 256 MiB).
+        batch_bytes: upcast weights gathered per batched eigen pass (default 64 MiB).
         journal: a JSONL file that receives each finished tensor's records as they are computed;
             tensors it already holds (from an interrupted run with the same checkpoint and
             settings) are not measured again. Left in place.
@@ -363,6 +363,9 @@ def analyze_checkpoint(
             book.close()
     if world > 1:
         results = _share(results, error, group, world)
+        if progress is not None and rank == 0:  # the other ranks' layers
+            own = {p.key for p in mine}
+            progress.update(sum(len(results[p.key]) for p in todo if p.key not in own))
     return AnalysisReport([r for p in plan for r in results[p.key]], options)
 
 

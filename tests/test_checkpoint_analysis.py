@@ -322,12 +322,15 @@ def write_checkpoint(directory, n: int = 12):
     return directory
 
 
+READ = checkpoint_files.SafetensorsShard.read
+
+
 class Interrupt:
     """Patches ``SafetensorsShard.read``: counts reads, raises KeyboardInterrupt at read ``stop``."""
 
     def __init__(self, monkeypatch, stop: int | None):
         self.reads, self.stop = [], stop
-        original = checkpoint_files.SafetensorsShard.read
+        original = READ
 
         def read(shard, key):
             if self.stop is not None and len(self.reads) == self.stop:

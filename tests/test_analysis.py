@@ -5,6 +5,7 @@ no side effects, and the report's exports."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 
@@ -202,10 +203,45 @@ def test_report_lookup_and_option_errors():
         tb.analyze(small_cnn(), fit="hill")
     with pytest.raises(ValueError, match="precision='half'"):
         tb.analyze(small_cnn(), precision="half")
-    with pytest.raises(TypeError, match="expects an nn.Module"):
+    with pytest.raises(TypeError, match="expects an nn.Module, a checkpoint path"):
+        tb.analyze(42)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file or directory: 'resnet18'"):
         tb.analyze("resnet18")
     with pytest.raises(ValueError, match="zero_threshold"):
         AnalysisOptions(zero_threshold=-1)
+
+
+def test_unknown_option_error_lists_every_option():
+    with pytest.raises(TypeError) as error:
+        tb.analyze(small_cnn(), xminpos=2)
+    message = str(error.value)
+    listed = message.split("accepted:", 1)[1]
+    every = [
+        "fit", "types", "split_qkv", "include_frozen", "progress",  # analyze()'s own keywords
+        "xmin_pos", "hill", "filter_zeros", "zero_threshold", "precision", "conv_mode", "conv_norm", "keep_eigenvalues",
+        "device", "batch_bytes", "journal", "allow_pickle",  # checkpoint sources
+    ]
+    assert [name for name in every if f"'{name}'" not in listed] == []
+    fields = [f.name for f in dataclasses.fields(AnalysisOptions)]  # options added later are listed too
+    assert [name for name in fields if f"'{name}'" not in listed] == []
+
+
+def test_checkpoint_only_keywords_refused_for_a_module():
+    with pytest.raises(TypeError, match="device= is for checkpoint sources"):
+        tb.analyze(small_cnn(), device="cpu")
+
+
+def test_tied_weight_found_under_every_name():
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(100, 64)
+            self.head = nn.Linear(64, 100, bias=False)
+            self.head.weight = self.emb.weight
+
+    report = tb.analyze(LM())
+    assert report.names == ["emb"]
+    assert report["head"] is report["emb"]
 
 
 def test_progress_object_is_advanced_once_per_layer():

@@ -284,3 +284,50 @@ def test_matrices_are_detached_views_that_never_touch_the_weight():
     assert not stack.requires_grad
     stack.mul_(0)
     torch.testing.assert_close(conv.weight.detach(), before, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- tensors of a checkpoint file
+
+
+def test_tensor_layer_names_follow_find_layers():
+    from tempbalance.layers import tensor_layer_name
+
+    assert tensor_layer_name("model.layers.0.self_attn.q_proj.weight") == "model.layers.0.self_attn.q_proj"
+    assert tensor_layer_name("attn.in_proj_weight") == "attn.in_proj"
+    assert tensor_layer_name("attn.k_proj_weight") == "attn.k"
+    for key in ("fc.bias", "bn.running_mean", "transformer.h.0.attn.bias", "pos_embed", "weight_g"):
+        assert tensor_layer_name(key) is None
+    model = nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(8, 2))
+    names = [r.name for r in find_layers(model)]
+    assert [tensor_layer_name(k) for k in model.state_dict() if tensor_layer_name(k)] == names
+
+
+@pytest.mark.parametrize("module", [nn.Linear(12, 7), nn.Embedding(30, 6), nn.Conv1d(5, 9, 3), nn.Conv2d(6, 10, 3),
+                                    nn.Conv3d(4, 6, 2), nn.Conv2d(16, 5, 1)])
+def test_tensor_role_from_shape_matches_the_module(module):
+    """A tensor alone (no module) gives the module's matrices and spectrum (float64 SVD reference)."""
+    from tempbalance.layers import tensor_layer_ref
+
+    ref = tensor_layer_ref("layer.weight", module.weight.detach())
+    assert ref.name == "layer" and not ref.frozen
+    options = MatrixOptions()
+    stack = ref.matrices(options, torch.float64)
+    assert tuple(stack.shape) == find_layers(module)[0].stack_shape(options)
+    w = module.weight.detach()
+    expected = svd_eigs([w.numpy()]) if w.dim() == 2 else conv_reference(w, 1, "per_position", 0.5)
+    np.testing.assert_allclose(pooled_spectra([stack], "float64")[0].numpy(), expected, rtol=1e-10, atol=1e-12)
+    meta = tensor_layer_ref("layer.weight", torch.empty(w.shape, device="meta"))
+    assert meta.stack_shape(options) == tuple(stack.shape)  # planning from shapes alone
+
+
+def test_skipped_tensors_and_gpt2_orientation():
+    from tempbalance.layers import tensor_layer_ref
+
+    assert tensor_layer_ref("x.weight", torch.randn(7)) is None  # 1-D: a norm
+    assert tensor_layer_ref("x.weight", torch.zeros(4, 4, dtype=torch.int8)) is None  # integer
+    assert tensor_layer_ref("x.weight", torch.randn(1, 2, 2, 2, 2, 2)) is None  # 6-D
+    assert tensor_layer_ref("x.bias", torch.randn(4, 4)) is None
+    w = torch.randn(6, 18)  # GPT-2 c_attn, stored (in, out)
+    ref = tensor_layer_ref("h.0.attn.c_attn.weight", w)
+    assert tuple(ref.matrices(MatrixOptions()).shape) == (1, 18, 6)  # (out, in), as the module's
+    assert tensor_layer_ref("h.0.attn.c_attn.weight", torch.randn(18, 6)).matrices(MatrixOptions()).shape[1] == 18

@@ -4,6 +4,7 @@ and rejects inconsistent input with a clear error."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -86,3 +87,16 @@ def test_pyplot_backend_untouched(tmp_path, report):
     backend = matplotlib.get_backend()
     plots.plot_alpha_summary(list(report), tmp_path / "s.png")
     assert matplotlib.get_backend() == backend
+
+
+def test_plot_alpha_depth(tmp_path):
+    from tempbalance.summaries import alpha_by_depth
+
+    records = [SimpleNamespace(name=f"model.layers.{b}.self_attn.{p}", alpha=2.0 + b + (p == "k_proj")) for b in (1, 0)
+               for p in ("q_proj", "k_proj")]
+    records += [SimpleNamespace(name="lm_head", alpha=3.0), SimpleNamespace(name="model.layers.2.mlp.up_proj", alpha=float("nan"))]
+    assert alpha_by_depth(records) == {"self_attn.q_proj": ([0, 1], [2.0, 3.0]), "self_attn.k_proj": ([0, 1], [3.0, 4.0])}
+    plots.plot_alpha_depth(records, tmp_path / "depth.png")
+    assert is_png(tmp_path / "depth.png")
+    with pytest.raises(ValueError, match="no layer sits in a numbered block"):
+        plots.plot_alpha_depth([SimpleNamespace(name="fc", alpha=2.0)], tmp_path / "none.png")

@@ -6,11 +6,12 @@ Ties the pieces together: layers -> matrices -> pooled eigenvalues -> power-law 
 from __future__ import annotations
 
 import csv
+import inspect
 import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import IO, Any, Iterable, Iterator, Sequence, overload
+from typing import IO, Any, Iterable, Iterator, Mapping, Sequence, overload
 
 import numpy as np
 import torch
@@ -293,11 +294,15 @@ def _store(records: list[LayerRecord | None], index: int, record: LayerRecord, p
 
 
 class AnalysisReport(Sequence[LayerRecord]):
-    """An ordered sequence of :class:`LayerRecord`, indexable by position or layer name."""
+    """An ordered sequence of :class:`LayerRecord`, indexable by position or layer name (a tied
+    weight's record under each of its names)."""
 
     def __init__(self, records: Iterable[LayerRecord], options: AnalysisOptions):
         self._records = list(records)
         self._by_name = {r.name: r for r in self._records}
+        for record in self._records:
+            for tied in record.tied_names:
+                self._by_name.setdefault(tied, record)
         self.options = options
 
     @overload
@@ -327,6 +332,13 @@ class AnalysisReport(Sequence[LayerRecord]):
     def alphas(self) -> dict[str, float]:
         """``{layer name: alpha}`` (NaN for failed fits)."""
         return {r.name: r.alpha for r in self._records}
+
+    def group_by(self, by: str) -> list:
+        """Alpha per Transformer block (``"block"``) or per module type (``"module"``), from the
+        layer names (see :func:`tempbalance.summaries.summarize`); a list of ``GroupSummary``."""
+        from .summaries import summarize
+
+        return summarize(self._records, by)
 
     def to_dict(self, with_eigenvalues: bool = False) -> dict[str, dict[str, Any]]:
         """``{layer name: record as a dict}``, in layer order."""
@@ -367,27 +379,43 @@ class AnalysisReport(Sequence[LayerRecord]):
 
 
 def analyze(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike | Mapping[str, torch.Tensor],
     fit: str = "median",
     *,
     types: Iterable[type] | None = None,
     split_qkv: bool = False,
     include_frozen: bool = True,
     progress: bool = False,
+    device: str | torch.device | None = None,
+    batch_bytes: int | None = None,
+    journal: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
     **options: Any,
 ) -> AnalysisReport:
-    """Spectral (HT-SR) analysis of every layer of ``model``.
+    """Spectral (HT-SR) analysis of every layer of a model or of a checkpoint file.
 
     Args:
-        model: any ``nn.Module`` (DDP / torch.compile wrappers are unwrapped).
+        model: an ``nn.Module`` (DDP / torch.compile wrappers are unwrapped), or a checkpoint
+            without its model: a path (``.safetensors`` file, ``.pt``/``.pth``/``.bin`` state
+            dict, a Hugging Face model directory of shards, a ``tempbalance train`` run
+            directory), ``"hf:ORG/NAME[@REVISION]"``, or a state dict. A checkpoint's tensors are
+            read one at a time and analysed by shape (2-D: a matrix, 3-D/4-D/5-D: a conv weight),
+            named as the module's layers would be (the key without ``.weight``).
         fit: ``"median"`` (the TempBalance reference, default), ``"ks"`` (Clauset / the
             WeightWatcher fit) or ``"fix-finger"``.
         types: module types to analyse (default: Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d,
             Embedding, GPT-2 Conv1D, MultiheadAttention's fused projection, and any type
-            added with :func:`tempbalance.register_layer_type`).
-        split_qkv: analyse a MultiheadAttention fused q/k/v projection as three layers.
+            added with :func:`tempbalance.register_layer_type`). Modules only.
+        split_qkv: analyse fused q/k/v projections (MultiheadAttention's ``in_proj``, Linear /
+            GPT-2 Conv1D ``c_attn``, ``qkv``, ``query_key_value``, ...) as three layers.
         include_frozen: include layers whose weight does not require grad (marked ``frozen``).
         progress: show a tqdm progress bar (if tqdm is installed).
+        device: checkpoints only: where the spectra are computed (default cpu).
+        batch_bytes: checkpoints only: upcast weights per batched eigen pass (default 64 MiB).
+        journal: checkpoints only: a JSONL file receiving each finished tensor's records; an
+            interrupted analysis run again with the same journal skips what it holds.
+        allow_pickle: checkpoints only: unpickle torch files that hold more than tensors (a
+            whole pickled model). This runs code from the file: only for files you trust.
         **options: any field of :class:`AnalysisOptions` (``xmin_pos``, ``hill``,
             ``filter_zeros``, ``zero_threshold``, ``precision``, ``conv_mode``, ``conv_norm``,
             ``keep_eigenvalues``, ``esd``, ``window_rows``, ``window_q``, ``windows_per_dim``).
@@ -395,14 +423,33 @@ def analyze(
     Returns:
         An :class:`AnalysisReport`.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"analyze() expects an nn.Module, got {type(model).__name__}")
-    unknown = set(options) - {f.name for f in fields(AnalysisOptions)}
+    accepted = _accepted_options()
+    unknown = set(options) - set(accepted)
     if unknown:
-        accepted = sorted(f.name for f in fields(AnalysisOptions) if f.name != "fit")
         raise TypeError(f"analyze() got unknown option(s) {sorted(unknown)}; accepted: {accepted}")
     opts = AnalysisOptions(fit=fit, **options)
+    if not isinstance(model, nn.Module):
+        return _analyze_source(model, opts, types=types, split_qkv=split_qkv, progress=progress, device=device,
+                               batch_bytes=batch_bytes, journal=journal, allow_pickle=allow_pickle)
+    for name, value in (("device", device), ("batch_bytes", batch_bytes), ("journal", journal)):
+        if value is not None:
+            raise TypeError(f"analyze(): {name}= is for checkpoint sources; a module is analysed where its weights are")
     refs = find_layers(model, types, split_qkv=split_qkv, include_frozen=include_frozen)
+    if split_qkv:
+        from .transformer_layers import split_fused_qkv
+
+        refs = split_fused_qkv(refs)
+    return _run_with_progress(refs, opts, progress)
+
+
+def _accepted_options() -> list[str]:
+    """Every keyword ``analyze()`` takes: its own parameters and the :class:`AnalysisOptions` fields."""
+    own = [p.name for p in inspect.signature(analyze).parameters.values()
+           if p.kind is inspect.Parameter.KEYWORD_ONLY or p.name == "fit"]
+    return sorted(set(own) | {f.name for f in fields(AnalysisOptions)})
+
+
+def _run_with_progress(refs: Sequence[LayerRef], opts: AnalysisOptions, progress: bool) -> AnalysisReport:
     bar = _progress_bar(len(refs)) if progress else None
     try:
         records = analyze_layers(refs, opts, bar)
@@ -410,6 +457,33 @@ def analyze(
         if bar is not None:
             bar.close()
     return AnalysisReport(records, opts)
+
+
+def _analyze_source(source: Any, opts: AnalysisOptions, *, types: Any, split_qkv: bool, progress: bool, device: Any,
+                    batch_bytes: int | None, journal: Any, allow_pickle: bool) -> AnalysisReport:
+    """``analyze()`` of a checkpoint: a path, ``hf:`` name or state dict (lazy imports: the
+    streaming path needs the scheduler's planner and the q/k/v splitter)."""
+    if not isinstance(source, (str, os.PathLike, Mapping)):
+        raise TypeError(
+            f"analyze() expects an nn.Module, a checkpoint path, 'hf:ORG/NAME' or a state dict, got {type(source).__name__}"
+        )
+    from .checkpoint_analysis import DEFAULT_BATCH_BYTES, analyze_checkpoint, plan_tensors
+    from .checkpoint_files import open_checkpoint
+
+    opened = open_checkpoint(source, allow_pickle=allow_pickle)
+    if isinstance(opened, nn.Module):  # a whole pickled model (allow_pickle)
+        return analyze(opened, opts.fit, types=types, split_qkv=split_qkv, progress=progress,
+                       **{k: v for k, v in asdict(opts).items() if k != "fit"})
+    if types is not None:
+        raise TypeError("analyze(): types= selects module classes; a checkpoint file has none (its tensors are analysed by shape)")
+    bar = _progress_bar(sum(len(p.refs) for p in plan_tensors(opened, split_qkv=split_qkv, options=opts))) if progress else None
+    try:
+        return analyze_checkpoint(opened, opts, split_qkv=split_qkv, device=device,
+                                  batch_bytes=DEFAULT_BATCH_BYTES if batch_bytes is None else batch_bytes,
+                                  journal=journal, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _progress_bar(total: int):

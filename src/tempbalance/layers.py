@@ -20,6 +20,8 @@ __all__ = [
     "registered_layer_types",
     "unwrap_model",
     "find_layers",
+    "tensor_layer_name",
+    "tensor_layer_ref",
 ]
 
 CONV_MODES = ("per_position", "flatten")
@@ -308,3 +310,82 @@ def _refs_for_module(name: str, module: nn.Module, split_qkv: bool) -> Iterator[
     if not isinstance(w, torch.Tensor) or w.dim() < 2:
         return
     yield LayerRef(name, module, _kind(module), w, fn, not w.requires_grad)
+
+
+# --- tensors read from a checkpoint file (no module, no architecture) ---------------------------
+
+#: ``kind`` of a checkpoint tensor, by its number of dimensions.
+TENSOR_KINDS = {2: "matrix", 3: "conv1d", 4: "conv2d", 5: "conv3d"}
+
+#: Layer names of GPT-2's ``Conv1D`` modules (weights stored ``(in, out)``).
+GPT2_CONV1D_NAMES = ("c_attn", "c_proj", "c_fc")
+
+#: ``nn.MultiheadAttention`` parameter names and the layer names :func:`find_layers` gives them.
+_ATTENTION_WEIGHTS = {"in_proj_weight": "in_proj", "q_proj_weight": "q", "k_proj_weight": "k", "v_proj_weight": "v"}
+
+
+class Conv1D(nn.Module):
+    """Shape-only stand-in for Hugging Face's GPT-2 ``Conv1D`` (weight stored ``(in, out)``,
+    ``nf`` = out), on the meta device: what :func:`tensor_layer_ref` gives GPT-2's ``c_attn`` /
+    ``c_proj`` / ``c_fc`` tensors, so that the fused q/k/v rule (``transformer_layers.is_fused_qkv``)
+    splits them by columns as it splits the real module."""
+
+    def __init__(self, nx: int, nf: int):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.empty(nx, nf, device="meta"), requires_grad=False)
+
+
+def tensor_layer_name(key: str) -> str | None:
+    """The layer name :func:`find_layers` gives the module whose weight is stored under ``key``.
+
+    ``"blocks.0.fc.weight"`` -> ``"blocks.0.fc"``; ``nn.MultiheadAttention`` parameters
+    ``"attn.in_proj_weight"`` -> ``"attn.in_proj"``, ``"attn.q_proj_weight"`` -> ``"attn.q"``
+    (``k``, ``v`` alike). None for any other key (biases, norms' ``bias``, buffers such as
+    ``running_mean`` or GPT-2's ``attn.bias`` mask).
+    """
+    head, _, last = key.rpartition(".")
+    if last == "weight":
+        return head or None
+    if last in _ATTENTION_WEIGHTS:
+        return f"{head}.{_ATTENTION_WEIGHTS[last]}" if head else _ATTENTION_WEIGHTS[last]
+    return None
+
+
+def _stand_in(name: str, shape: tuple[int, ...]) -> tuple[nn.Module, MatrixFn]:
+    """A meta-device module of the class the shape (and a GPT-2 name) implies, and its matrix function."""
+    if len(shape) == 2:
+        rows, cols = shape
+        if name.rpartition(".")[2] in GPT2_CONV1D_NAMES and rows != 3 * cols:  # GPT-2 Conv1D, stored (in, out)
+            return Conv1D(rows, cols), _transposed_linear_matrices
+        return nn.Linear(cols, rows, bias=False, device="meta"), _linear_matrices
+    conv = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[len(shape)]
+    return conv(shape[1], shape[0], tuple(shape[2:]), bias=False, device="meta"), _conv_matrices
+
+
+def tensor_layer_ref(key: str, weight: torch.Tensor) -> LayerRef | None:
+    """A :class:`LayerRef` for a tensor read from a checkpoint file; its role comes from its shape.
+
+    2-D -> one matrix (Linear, Embedding and GPT-2 ``Conv1D`` weights have the same spectrum
+    either way round; GPT-2's ``c_attn`` / ``c_proj`` / ``c_fc`` are read as ``Conv1D``, stored
+    ``(in, out)``, unless a ``c_attn`` is ``(3e, e)``, so that a fused q/k/v is split by columns
+    and square matrices are formed on the module's side, to the bit); 3-D / 4-D / 5-D -> a Conv1d / Conv2d / Conv3d weight ``(out, in, *k)``,
+    one ``out x in`` matrix per kernel position as for modules (``groups`` is not stored in a
+    file: read as 1). The record is named as :func:`find_layers` names the module
+    (:func:`tensor_layer_name`), so a file and its module give the same report.
+
+    Args:
+        key: the tensor's key in the state dict (wrapper prefixes already removed).
+        weight: the tensor, or a meta tensor of its shape and dtype (shapes alone: planning).
+
+    Returns:
+        None for tensors that are not analysed: keys that are not weights, tensors of fewer than
+        2 or more than 5 dimensions, and integer or bool tensors (e.g. quantised weights).
+    """
+    name = tensor_layer_name(key)
+    if name is None or weight.dim() not in TENSOR_KINDS or not weight.dtype.is_floating_point:
+        return None
+    module, fn = _stand_in(name, tuple(weight.shape))
+    attention = key.rpartition(".")[2] in _ATTENTION_WEIGHTS
+    kind = "MultiheadAttention" if attention else TENSOR_KINDS[weight.dim()]
+    return LayerRef(name, module, kind, weight, fn, frozen=False)

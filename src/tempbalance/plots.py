@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["plot_esd", "plot_alpha_summary", "plot_heatmap", "plot_curves"]
+__all__ = ["plot_esd", "plot_alpha_summary", "plot_alpha_depth", "plot_heatmap", "plot_curves"]
 
 
 def _figure(width: float, height: float):
@@ -103,6 +103,36 @@ def plot_alpha_summary(records: Sequence[Any], path: str | os.PathLike) -> None:
     ax.set_ylabel("alpha")
     ax.set_title(f"alpha by layer ({int(ok.sum())} of {len(names)} fitted)", fontsize=9)
     ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_alpha_depth(records: Sequence[Any], path: str | os.PathLike, *, title: str | None = None) -> None:
+    """Alpha against depth (Transformer block index), one line per module type (``self_attn.q_proj``,
+    ``mlp.down_proj``, ...; see :func:`tempbalance.summaries.alpha_by_depth`).
+
+    Layers outside numbered blocks (embeddings, the LM head) and failed fits are left out; the
+    shaded band 2 <= alpha <= 6 is HT-SR's "well trained" range.
+
+    Raises:
+        ValueError: when no record sits in a numbered block.
+    """
+    from .summaries import alpha_by_depth
+
+    series = alpha_by_depth(records)
+    if not series:
+        raise ValueError("no layer sits in a numbered block (names like model.layers.N.*, transformer.h.N.*, blocks.N.*)")
+    fig = _figure(7.0, 4.0)
+    ax = fig.add_subplot()
+    ax.axhspan(2, 6, color="tab:green", alpha=0.1, label="2 <= alpha <= 6")
+    for kind, (blocks, alphas) in series.items():
+        ax.plot(blocks, alphas, marker="o", ms=3, lw=1.2, label=kind)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("block")
+    ax.set_ylabel("alpha")
+    ax.set_title(title or f"alpha by depth ({len(series)} module types)", fontsize=9)
+    ax.legend(fontsize=6, ncol=max(1, len(series) // 8), loc="best")
     _save(fig, path)
 
 

@@ -100,3 +100,30 @@ def test_plot_alpha_depth(tmp_path):
     assert is_png(tmp_path / "depth.png")
     with pytest.raises(ValueError, match="no layer sits in a numbered block"):
         plots.plot_alpha_depth([SimpleNamespace(name="fc", alpha=2.0)], tmp_path / "none.png")
+
+
+def test_a_figure_that_fails_while_it_is_written_leaves_nothing_behind(report, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    target = tmp_path / "plots" / "summary.png"
+    plots.plot_alpha_summary(list(report), target)
+    before = target.read_bytes()
+
+    def half_written(self, fname, **kwargs):
+        open(fname, "wb").write(PNG)  # a truncated image, then the failure
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half_written)
+    with pytest.raises(OSError, match="no space left"):
+        plots.plot_alpha_summary(list(report), target)
+    assert target.read_bytes() == before  # the previous complete image is still there
+    assert sorted(p.name for p in target.parent.iterdir()) == ["summary.png"]  # no temporary left
+
+
+def test_report_to_csv_replaces_the_file_whole(report, tmp_path, monkeypatch):
+    path = tmp_path / "alphas.csv"
+    path.write_text("old\n")
+    monkeypatch.setattr(type(report), "_write_csv", lambda self, handle: (handle.write("partial"), 1 / 0))
+    with pytest.raises(ZeroDivisionError):
+        report.to_csv(path)
+    assert path.read_text() == "old\n"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import inspect
+import io
 import logging
 import math
 import os
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import write_atomic
 from .farms import check_window_options, farms_windows
 from .layers import LayerRef, MatrixOptions, find_layers
 from .powerlaw import FIT_METHODS, HILL_CONVENTIONS, PowerLawFit, fit_power_law
@@ -356,8 +358,9 @@ class AnalysisReport(Sequence[LayerRecord]):
         if hasattr(path, "write"):
             self._write_csv(path)  # type: ignore[arg-type]
             return
-        with open(path, "w", newline="") as handle:
-            self._write_csv(handle)
+        buffer = io.StringIO(newline="")
+        self._write_csv(buffer)
+        write_atomic(path, buffer.getvalue())  # never a half-written file
 
     def _write_csv(self, handle: IO[str]) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(SCALAR_COLUMNS))

@@ -12,6 +12,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .atomic import atomic_path
+
 __all__ = ["plot_esd", "plot_alpha_summary", "plot_alpha_depth", "plot_heatmap", "plot_curves"]
 
 
@@ -28,10 +30,9 @@ def _figure(width: float, height: float):
 
 
 def _save(fig: Any, path: str | os.PathLike) -> None:
-    directory = os.path.dirname(os.fspath(path))
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    """Write the figure atomically (a temporary file renamed into place; its directory created)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 def plot_esd(record: Any, path: str | os.PathLike, *, title: str | None = None) -> None:

@@ -113,7 +113,8 @@ def qkv_parts(ref: LayerRef, predicate: Predicate | None = None) -> list[LayerRe
     shape = tuple(ref.weight.shape)
     if ref.kind == "MultiheadAttention" and ref.name.rsplit(".", 1)[-1] == "in_proj":
         return _parts(ref, ref.name.rpartition(".")[0], "rows") if len(shape) == 2 and shape[0] % 3 == 0 else None
-    layout = fused_qkv_layout(ref.kind, shape, ref.module)
+    kind = "Conv1D" if type(ref.module).__name__ == "Conv1D" else ref.kind  # also a checkpoint file's stand-in
+    layout = fused_qkv_layout(kind, shape, ref.module)
     fused = predicate(ref.name, ref.module) if predicate is not None else is_fused_qkv_name(ref.name)
     return _parts(ref, ref.name, layout) if fused and layout is not None else None
 

@@ -403,18 +403,18 @@ def _close_matches(name: str, libraries: dict[str, tuple[str, ...]]) -> str:
 def write_outputs(report: AnalysisReport, args: argparse.Namespace) -> None:
     """CSV, JSON (each written whole to a temporary file, then renamed into place), plots and the
     table (or the group summary with ``--group-by``) on stdout unless a file goes there."""
-    from ..train.checkpoint import write_text_atomic
+    from ..atomic import json_safe, write_atomic
 
     groups = report.group_by(args.group_by) if args.group_by else None
     if args.csv:
         buffer = io.StringIO(newline="")
         report.to_csv(buffer)
-        _emit(buffer.getvalue(), args.csv, write_text_atomic)
+        _emit(buffer.getvalue(), args.csv, write_atomic)
     if args.json:
         payload = report_payload(report, args.source)
         if groups is not None:
             payload["groups"] = {"by": args.group_by, "rows": [g.to_dict() for g in groups]}
-        _emit(json.dumps(_json_safe(payload), indent=2) + "\n", args.json, write_text_atomic)
+        _emit(json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n", args.json, write_atomic)
     if args.plots:
         write_plots(report, args.plots)
     if "-" not in (args.csv, args.json):
@@ -432,17 +432,6 @@ def report_payload(report: AnalysisReport, source: str) -> dict[str, Any]:
     """The JSON document: source, options and one record per layer."""
     options = {k: v for k, v in vars(report.options).items() if k != "keep_eigenvalues"}
     return {"source": source, "options": options, "layers": report.to_records()}
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN / inf become ``null`` (JSON has no NaN); tuples become lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _num(x: float, spec: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_path, write_atomic
+from ..atomic import write_atomic
 from ..errors import ConfigError
 from .metrics import MetricsError, read_metrics
 from .rundir import CONFIG_NAME, inspect_run
@@ -271,10 +271,7 @@ def _plots(runs: list[RunResult], directory: Path) -> list[Path]:
             stds = [statistics.stdev(column) for column in zip(*curves)] if len(curves) > 1 else None
             series[f"{method} (n={len(group)})"] = (epochs, means, stds)
         path = directory / f"{_slug(setting)}_test_acc.png"
-        with atomic_path(path) as tmp:
-            plots.plot_curves(
-                series, tmp, xlabel="epoch", ylabel="test accuracy (%)", title=f"{setting}: test accuracy"
-            )
+        plots.plot_curves(series, path, xlabel="epoch", ylabel="test accuracy (%)", title=f"{setting}: test accuracy")
         written.append(path)
         for method, group in methods.items():
             run = min(group, key=lambda r: r.seed)
@@ -307,11 +304,10 @@ def _heatmaps(plots: Any, run: RunResult, stem: Path) -> list[Path]:
     for suffix, (label, table) in maps.items():
         values = np.array(table, dtype=np.float64)
         path = stem.with_name(f"{stem.name}_{suffix}.png")
-        with atomic_path(path) as tmp:
-            plots.plot_heatmap(
-                values, layers, epochs, tmp, title=f"{run.setting} {run.method} seed {run.seed}: per-layer {label}",
-                cbar_label=label,
-            )
+        plots.plot_heatmap(
+            values, layers, epochs, path, title=f"{run.setting} {run.method} seed {run.seed}: per-layer {label}",
+            cbar_label=label,
+        )
         written.append(path)
     return written
 

@@ -83,8 +83,13 @@ def param_groups(
             ``model.parameters()``, frozen ones included).
         no_decay_norm_bias: put biases, norm parameters and every other parameter with fewer
             than two dimensions in separate groups with ``weight_decay=0.0``.
-        remove_first, remove_last, eigs_thresh, norm_follows, types, conv_mode: which layers
-            are balanced; see :class:`LayerSelection`.
+        remove_first: leave the first analysable layer at the global rate (the selection options
+            are those of :class:`LayerSelection`).
+        remove_last: leave the last analysable layer at the global rate.
+        eigs_thresh: balance only layers with at least this many eigenvalues.
+        norm_follows: which layer a norm layer follows: ``"order"``, ``"name"`` or None.
+        types: the module types considered (default: every analysable type).
+        conv_mode: ``"per_position"`` or ``"flatten"`` conv matrices.
         **group_options: options copied into every group (``lr``, ``weight_decay``,
             ``momentum``, ...); they override the optimizer's defaults.
 

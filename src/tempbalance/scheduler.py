@@ -87,17 +87,29 @@ class TempBalance(LRScheduler):
         base_scheduler: the global schedule, constructed on ``optimizer`` (any torch scheduler);
             step only TempBalance.
         balance: ``"lr"`` (default), ``"weight_decay"`` or ``("lr", "weight_decay")``.
-        assign, s1, s2, assign_options: the rate's map (``"linear"`` (default), ``"sqrt"``,
-            ``"log2"``, ``"step"``, ``"sigmoid"``, the reference's names, ``fn(values)`` or
-            ``fn(values, names=...)``); ``0 < s1 <= s2`` (default 0.5 / 1.5), always checked.
-        wd_assign, wd_s1, wd_s2, wd_assign_options: the weight decay's map, the same way.
+        assign: the rate's map: ``"linear"`` (default), ``"sqrt"``, ``"log2"``, ``"step"``,
+            ``"sigmoid"``, the reference's names, ``fn(values)`` or ``fn(values, names=...)``.
+        s1: the rate's smallest factor (``"linear"``, ``"step"``), default 0.5; ``0 < s1 <= s2``,
+            always checked.
+        s2: the rate's largest factor, default 1.5.
+        assign_options: other options of the rate's map (``"step"``: ``endpoint``; ``"sigmoid"``:
+            ``tau``, ``s``, ``s_below``).
+        wd_assign: the weight decay's map, as ``assign`` (used when ``balance`` has ``"weight_decay"``).
+        wd_s1: the weight decay's smallest factor, default 0.5.
+        wd_s2: the weight decay's largest factor, default 1.5.
+        wd_assign_options: other options of the weight decay's map.
         normalize: ``"mean"``: each target's factors divided by their mean; default None.
         metric: ``"alpha"`` (default), ``"alpha_weighted"``, ``"spectral_norm"``, ... or ``fn(record)``.
-        interval, warmup: rebalance every ``interval`` steps (default 1) after ``warmup`` steps
-            with every factor 1 (default 0).
-        remove_first, remove_last, eigs_thresh, norm_follows, types, conv_mode: the selection
-            (:class:`tempbalance.LayerSelection`); default: the one the groups record, else the
-            library's. Given here too, they must equal the recorded ones.
+        interval: rebalance every ``interval`` calls of :meth:`step` (default 1).
+        warmup: calls of :meth:`step` with every factor 1 before the first rebalance (default 0).
+        remove_first: leave the first analysable layer at the global rate (the selection,
+            :class:`tempbalance.LayerSelection`; default: the one the groups record, else the
+            library's; given here too, each selection option must equal the recorded one).
+        remove_last: leave the last analysable layer at the global rate.
+        eigs_thresh: balance only layers with at least this many eigenvalues.
+        norm_follows: which layer a norm layer follows: ``"order"``, ``"name"`` or None.
+        types: the module types considered (default: every analysable type).
+        conv_mode: ``"per_position"`` or ``"flatten"`` conv matrices.
         split_qkv: measure a fused q/k/v projection as its three matrices (metric: their mean).
         not_in_optimizer: ``"error"`` (default) or ``"skip"``: a balanced layer without a
             parameter in the optimizer is refused, or left out of the balance with a warning.

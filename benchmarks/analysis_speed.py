@@ -6,7 +6,7 @@ Per model (CIFAR ResNet18, VGG16, WRN28-6 from the project zoo; timm ViT-B/16, r
 - ``tb median`` / ``tb ks``: ``tempbalance.analyze(model, fit=...)`` on the Conv2d + Linear layers
   (``ks`` with ``filter_zeros=True``, WeightWatcher's lambda > 1e-5 convention);
 - ``weightwatcher``: WeightWatcher 0.7.7 ``analyze()`` with default settings (its ``ks``-type fit);
-- ``reference``: the TempBalance reference algorithm as described in docs/method.md, written here:
+- ``reference``: the TempBalance reference algorithm (per-layer float32 svdvals and a Python loop), written here:
   per layer, batched float32 ``torch.linalg.svdvals`` of the per-position matrices scaled by
   sqrt(0.5), lambda = sigma^2 pooled, median Hill alpha;
 - ``floor``: only the eigensolver calls on prebuilt matrix stacks: Gram + ``eigvalsh``, batched by

@@ -282,7 +282,7 @@ def cmd_selfcheck(args) -> int:
 
 
 def reference_alphas(model, names: list[str]) -> dict[str, float]:
-    """The reference algorithm's path (method.md §2): per layer, batched float32 svdvals of the
+    """The reference algorithm's path: per layer, batched float32 svdvals of the
     per-kernel-position matrices scaled by sqrt(0.5), lambda = sigma^2 pooled and sorted, median Hill."""
     import torch
 

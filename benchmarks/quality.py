@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scipy import stats  # noqa: E402
+
 from _common import cpu_model  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "runs" / "bench" / "quality"
@@ -39,14 +41,6 @@ CIFAR_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / 
 TUNE_SEEDS = (1001, 1002)
 EVAL_SEEDS = tuple(range(10))
 MORE_SEEDS = tuple(range(30))  # the cells whose 10-seed result was borderline (p <= 0.1)
-
-# Two-sided 95% t quantiles t_{0.975, df} for df = 1..30 (used when scipy is not installed).
-_T975 = (
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-)
-
 
 @dataclass
 class Cell:
@@ -276,19 +270,8 @@ def compare_jobs(
 # --------------------------------------------------------------------------- statistics
 
 
-def t_quantile(df: int) -> float:
-    """Two-sided 95% quantile of Student's t with ``df`` degrees of freedom (df >= 1)."""
-    if df < 1:
-        raise ValueError(f"df={df} must be >= 1")
-    try:
-        from scipy import stats
-    except ImportError:
-        return _T975[df - 1] if df <= len(_T975) else 1.96
-    return float(stats.t.ppf(0.975, df))
-
-
 def paired_stats(base: dict[int, float], other: dict[int, float]) -> dict[str, Any]:
-    """Paired difference ``other - base`` over the seeds both have.
+    """Paired difference ``other - base`` over the seeds both have (scipy's paired t-test).
 
     Returns: n, mean, std, ci (low, high) of the mean at 95% (None with < 2 pairs), wins / ties /
     losses of ``other``, and the two-sided t-test p value (None with < 2 pairs or zero spread).
@@ -301,19 +284,16 @@ def paired_stats(base: dict[int, float], other: dict[int, float]) -> dict[str, A
     if not diffs:
         return result
     result["mean"] = statistics.fmean(diffs)
-    if len(diffs) > 1:
-        std = statistics.stdev(diffs)
-        half = t_quantile(len(diffs) - 1) * std / math.sqrt(len(diffs))
-        result["std"] = std
-        result["ci"] = (result["mean"] - half, result["mean"] + half)
-        if std > 0:
-            try:
-                from scipy import stats
-
-                t = result["mean"] / (std / math.sqrt(len(diffs)))
-                result["p"] = float(2 * stats.t.sf(abs(t), len(diffs) - 1))
-            except ImportError:
-                pass
+    if len(diffs) < 2:
+        return result
+    result["std"] = statistics.stdev(diffs)
+    if result["std"] == 0:  # every seed moved by the same amount: a zero-width interval, no test
+        result["ci"] = (result["mean"], result["mean"])
+        return result
+    test = stats.ttest_rel([other[s] for s in seeds], [base[s] for s in seeds])
+    interval = test.confidence_interval(0.95)
+    result["ci"] = (float(interval.low), float(interval.high))
+    result["p"] = float(test.pvalue)
     return result
 
 

@@ -120,7 +120,8 @@ def test_plots_directory(tmp_path, capsys):
     assert all((tmp_path / "plots" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
 
 
-def test_progress_bar_on_many_layers(tmp_path, capsys):
+def test_progress_bar_on_many_layers(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("tempbalance.progress._is_terminal", lambda stream: True)  # a bar, as on a terminal
     model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(25)])
     path = tmp_path / "deep.pt"
     torch.save(model.state_dict(), path)

@@ -22,12 +22,14 @@ from .atomic import write_atomic
 from .farms import check_window_options, farms_windows
 from .layers import LayerRef, MatrixOptions, find_layers
 from .powerlaw import FIT_METHODS, HILL_CONVENTIONS, PowerLawFit, fit_power_law
+from .progress import Progress
 from .spectrum import PRECISIONS, compute_dtype, iter_pooled_spectra
 
 __all__ = ["AnalysisOptions", "LayerRecord", "AnalysisReport", "analyze", "analyze_layers", "spectral_metrics"]
 
 logger = logging.getLogger(__name__)
 
+LONG_ANALYSIS_S = 3.0  # off a terminal, an analysis logs its progress once it has run this long
 _BATCH_ELEMENTS = 1 << 26  # weights gathered per batched eigen pass (256 MiB in float32)
 
 
@@ -269,7 +271,8 @@ def analyze_layers(
     Args:
         refs: the layers.
         options: the measurement settings (default :class:`AnalysisOptions`).
-        progress: optional object with ``update(n)`` (e.g. a tqdm bar), advanced per layer.
+        progress: optional :class:`~tempbalance.progress.Progress` (or any object with
+            ``update(n)``, e.g. a tqdm bar), advanced per layer.
     """
     options = options or AnalysisOptions()
     records: list[LayerRecord | None] = [None] * len(refs)
@@ -412,7 +415,8 @@ def analyze(
         split_qkv: analyse fused q/k/v projections (MultiheadAttention's ``in_proj``, Linear /
             GPT-2 Conv1D ``c_attn``, ``qkv``, ``query_key_value``, ...) as three layers.
         include_frozen: include layers whose weight does not require grad (marked ``frozen``).
-        progress: show a tqdm progress bar (if tqdm is installed).
+        progress: show the progress on stderr: a tqdm bar on a terminal (if tqdm is installed),
+            else a log line per 10% of the layers (see :mod:`tempbalance.progress`).
         device: checkpoints only: where the spectra are computed (default cpu).
         batch_bytes: checkpoints only: upcast weights per batched eigen pass (default 64 MiB).
         journal: checkpoints only: a JSONL file receiving each finished tensor's records; an
@@ -453,13 +457,8 @@ def _accepted_options() -> list[str]:
 
 
 def _run_with_progress(refs: Sequence[LayerRef], opts: AnalysisOptions, progress: bool) -> AnalysisReport:
-    bar = _progress_bar(len(refs)) if progress else None
-    try:
-        records = analyze_layers(refs, opts, bar)
-    finally:
-        if bar is not None:
-            bar.close()
-    return AnalysisReport(records, opts)
+    with layer_progress(len(refs), progress) as bar:
+        return AnalysisReport(analyze_layers(refs, opts, bar), opts)
 
 
 def _analyze_source(source: Any, opts: AnalysisOptions, *, types: Any, split_qkv: bool, progress: bool, device: Any,
@@ -479,19 +478,15 @@ def _analyze_source(source: Any, opts: AnalysisOptions, *, types: Any, split_qkv
                        **{k: v for k, v in asdict(opts).items() if k != "fit"})
     if types is not None:
         raise TypeError("analyze(): types= selects module classes; a checkpoint file has none (its tensors are analysed by shape)")
-    bar = _progress_bar(sum(len(p.refs) for p in plan_tensors(opened, split_qkv=split_qkv, options=opts))) if progress else None
-    try:
+    total = sum(len(p.refs) for p in plan_tensors(opened, split_qkv=split_qkv, options=opts)) if progress else 0
+    with layer_progress(total, progress) as bar:
         return analyze_checkpoint(opened, opts, split_qkv=split_qkv, device=device,
                                   batch_bytes=DEFAULT_BATCH_BYTES if batch_bytes is None else batch_bytes,
                                   journal=journal, progress=bar)
-    finally:
-        if bar is not None:
-            bar.close()
 
 
-def _progress_bar(total: int):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="analyzing layers", unit="layer", leave=False)
+def layer_progress(total: int, enabled: bool = True) -> Progress:
+    """The progress of an analysis of ``total`` layers: a bar on a terminal, else a log line per
+    10% of the layers once it has run :data:`LONG_ANALYSIS_S` seconds (a short one logs nothing)."""
+    return Progress(total, "analyzing layers", "layer", enabled=enabled, log_every=0.1, delay=LONG_ANALYSIS_S,
+                    leave=False)

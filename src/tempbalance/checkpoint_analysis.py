@@ -314,7 +314,8 @@ def analyze_checkpoint(
         journal: a JSONL file that receives each finished tensor's records as they are computed;
             tensors it already holds (from an interrupted run with the same checkpoint and
             settings) are not measured again. Left in place.
-        progress: object with ``update(n)`` (e.g. a tqdm bar), advanced per layer.
+        progress: a :class:`~tempbalance.progress.Progress` (or any object with ``update(n)``,
+            e.g. a tqdm bar), advanced per layer; the journal's layers go to its ``skip``.
         group: process group to split the tensors over by cost (default: the world, when a
             process group is initialised); every rank returns the full report.
 
@@ -342,8 +343,8 @@ def analyze_checkpoint(
     mine = [p for p, owner in zip(todo, owners) if owner == rank]
     if done:
         logger.info("resuming: %d of %d tensors already analysed (%s)", len(done), len(plan), journal)
-        if progress is not None and rank == 0:
-            progress.update(sum(len(r) for r in done.values()))
+        if progress is not None and rank == 0:  # done before: a Progress keeps them out of its ETA
+            getattr(progress, "skip", progress.update)(sum(len(r) for r in done.values()))
     results: dict[str, list[LayerRecord]] = dict(done)
     error = None
     try:

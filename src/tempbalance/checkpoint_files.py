@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,6 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from .errors import ConfigError
 
@@ -316,17 +318,24 @@ def find_state_dict(obj: Any, depth: int = 3) -> Mapping[str, torch.Tensor] | nn
 
 
 def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes from every key."""
-    out = {}
-    for key, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix) :], True
-        out[key] = value
-    return out
+    """Remove DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes from every key, nested in
+    any order (torch's ``consume_prefix_in_state_dict_if_present``, repeated), keeping the key order.
+
+    Returns a new ``OrderedDict`` (``state`` is left as it is); a state dict's ``_metadata`` (the
+    modules' versions that ``load_state_dict`` reads) is renamed with its keys.
+    """
+    positions: OrderedDict[str, int] = OrderedDict((key, i) for i, key in enumerate(state))
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        positions._metadata = OrderedDict(metadata)  # type: ignore[attr-defined]
+    while any(key.startswith(WRAPPER_PREFIXES) for key in positions):
+        for prefix in WRAPPER_PREFIXES:
+            consume_prefix_in_state_dict_if_present(positions, prefix)
+    values = list(state.values())  # consume moves each renamed key to the end: put them back in place
+    stripped = OrderedDict((key, values[i]) for key, i in sorted(positions.items(), key=lambda item: item[1]))
+    if metadata is not None:
+        stripped._metadata = positions._metadata  # type: ignore[attr-defined]
+    return stripped
 
 
 def _storage_ties(state: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:

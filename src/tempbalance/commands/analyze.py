@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..analysis import AnalysisOptions, AnalysisReport, analyze_layers
+from ..analysis import AnalysisOptions, AnalysisReport, analyze_layers, layer_progress
 from ..checkpoint_analysis import DEFAULT_BATCH_BYTES, AnalysisJournal, analyze_checkpoint, journal_header, plan_tensors
 from ..checkpoint_files import (
     CheckpointSource,
@@ -38,13 +38,14 @@ from ..errors import ConfigError
 from ..farms import ESD_MODES
 from ..layers import CONV_MODES, find_layers
 from ..powerlaw import FIT_METHODS, HILL_CONVENTIONS
+from ..progress import Progress
 from ..spectrum import PRECISIONS
 from ..summaries import GROUP_BY, GroupSummary, block_index
 from ..transformer_layers import split_fused_qkv
 
 log = logging.getLogger(__name__)
 
-PROGRESS_MIN_LAYERS = 20  # show a progress bar from this many layers on (unless --no-progress)
+PROGRESS_MIN_LAYERS = 20  # show progress from this many layers on (unless --no-progress)
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".tar", ".safetensors")
 
 
@@ -94,7 +95,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--batch-memory", type=float, default=DEFAULT_BATCH_BYTES / 2**20, metavar="MB",
                    help=f"checkpoints: upcast weights per batched eigen pass (default {DEFAULT_BATCH_BYTES >> 20} MB)")
-    p.add_argument("--no-progress", action="store_true", help="never show the progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress (bar or log lines)")
     p.add_argument("--device", default="cpu", help="device the spectra are computed on, e.g. cuda (default cpu)")
     p.set_defaults(func=run)
 
@@ -200,24 +201,9 @@ def journal_path(args: argparse.Namespace) -> Path | None:
     return Path(args.plots) / "partial.jsonl" if args.plots else None
 
 
-def _progress_bar(total: int, no_progress: bool):
-    if no_progress or total < PROGRESS_MIN_LAYERS:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="analyzing", unit="layer", file=sys.stderr, leave=False)
-
-
-@contextlib.contextmanager
-def _bar(total: int, no_progress: bool) -> Iterator[Any]:
-    bar = _progress_bar(total, no_progress)
-    try:
-        yield bar
-    finally:
-        if bar is not None:
-            bar.close()
+def _progress(total: int, no_progress: bool) -> Progress:
+    """A layer progress from :data:`PROGRESS_MIN_LAYERS` layers on, unless ``--no-progress``."""
+    return layer_progress(total, enabled=not no_progress and total >= PROGRESS_MIN_LAYERS)
 
 
 def _analyze_module(model: nn.Module, args: argparse.Namespace, options: AnalysisOptions, ctx: Any) -> AnalysisReport:
@@ -227,7 +213,7 @@ def _analyze_module(model: nn.Module, args: argparse.Namespace, options: Analysi
     if not refs:
         raise ConfigError(f"{args.source!r} has no analysable layers (Linear, Conv, Embedding, ...)")
     measure = analyze_layers if ctx is None else distributed_analyze_layers
-    with _bar(len(refs), args.no_progress or (ctx is not None and not ctx.is_main)) as bar:
+    with _progress(len(refs), args.no_progress or (ctx is not None and not ctx.is_main)) as bar:
         return AnalysisReport(measure(refs, options, bar), options)
 
 
@@ -245,7 +231,7 @@ def _analyze_checkpoint(
     group = None if ctx is None else ctx.control
     total = sum(len(p.refs) for p in plan_tensors(source, split_qkv=args.split_qkv, options=options))
     try:
-        with _bar(total, args.no_progress or (ctx is not None and not ctx.is_main)) as bar:
+        with _progress(total, args.no_progress or (ctx is not None and not ctx.is_main)) as bar:
             return analyze_checkpoint(
                 source, options, split_qkv=args.split_qkv, device=device,
                 batch_bytes=int(args.batch_memory * 2**20), journal=journal, progress=bar, group=group,

@@ -100,7 +100,7 @@ class TrainConfig:
         deterministic: ``torch.use_deterministic_algorithms`` during the run, default True.
         num_threads: torch CPU threads for the run (None = leave as is).
         eval_batch_size: batch size for the test set, default 512.
-        progress: show a tqdm bar on stderr, default True.
+        progress: show progress on stderr, default True: a tqdm bar on a terminal, else one log line per epoch.
         resume: continue the run in ``out`` from its checkpoint, default False; a finished run is
             left as it is. Settings not given are read back from the run.
         overwrite: delete the run in ``out`` (its config, metrics, summary, checkpoints) and start

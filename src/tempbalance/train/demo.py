@@ -45,7 +45,7 @@ def run_demo(
         train_fraction: share of the 4000 training series used, default 1.
         threads: torch CPU threads; default None: leave them as the environment sets them
             (``OMP_NUM_THREADS``, else torch's default).
-        progress: tqdm bars on stderr.
+        progress: show progress on stderr: tqdm bars on a terminal, else one log line per epoch.
         plots: write the PNG plots.
 
     Returns:

@@ -10,7 +10,6 @@ import logging
 import math
 import random
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 
 from ..atomic import write_json
 from ..errors import ConfigError, TempBalanceError, spell
+from ..progress import Progress
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .config import NUMERICS_FIELDS, TrainConfig
 from .data.loading import check_data_source
@@ -135,7 +135,7 @@ def _train_epoch(
     config: TrainConfig,
     epoch: int,
     device: torch.device,
-    bar: Any,
+    bar: Progress,
     stop: _StopFlag,
     ctx: DistContext,
 ) -> tuple[float, float] | None:
@@ -230,25 +230,6 @@ def _summary(config: TrainConfig, rows: list[dict[str, Any]], status: str) -> di
         "best_epoch": best["epoch"] if best else None,
         "train_time_s": sum(row["epoch_time"] for row in rows),
     }
-
-
-def _progress_bar(total: int, enabled: bool, desc: str):
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            log.debug("tqdm is not installed: no progress bar")
-        else:
-            return tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True)
-    return contextlib.nullcontext(_NoBar())
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        """Ignore progress."""
-
-    def set_postfix(self, **kwargs: Any) -> None:
-        """Ignore progress."""
 
 
 def run_training(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
@@ -520,7 +501,7 @@ def _train(
     desc = f"{config.method} {config.dataset}/{config.model} seed {config.seed}"
     watch = LossWatch(dataset.info.num_classes, [row.get("train_loss") for row in rows], next(iter(warnings), None))
     try:
-        with _progress_bar(per_epoch * max(0, end - start), config.progress and ctx.is_main, desc) as bar:
+        with Progress(per_epoch * max(0, end - start), desc, "batch", enabled=config.progress and ctx.is_main) as bar:
             for epoch in range(start, end):
                 if stop.agree(ctx):
                     status = "interrupted"
@@ -563,7 +544,8 @@ def _train(
                 rows.append(row)
                 if out is not None:
                     save(epoch + 1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{train_loss:.3f}", test_acc=f"{test_acc:.2f}")
+                bar.milestone({"epoch": f"{epoch + 1}/{config.epochs}", "loss": f"{train_loss:.3f}",
+                               "test acc": f"{test_acc:.2f}%"})
     finally:
         if writer is not None:
             writer.close()

@@ -12,10 +12,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import tempbalance as tb
 from tempbalance.analysis import AnalysisOptions
+from tests.helpers.reference import hill_median_reference, svd_eigs
 
 
 def reference_eigs(module: nn.Module, conv_norm: float = 0.5) -> np.ndarray:
@@ -298,3 +301,85 @@ def test_split_qkv_in_analyze():
     for i, name in enumerate("qkv"):
         eigs = np.sort(np.linalg.svd(w[i * 64 : (i + 1) * 64], compute_uv=False) ** 2)
         assert report[name].alpha == pytest.approx(reference_median_alpha(eigs), rel=1e-5)
+
+
+# ---------------------------------------------------------------- bad weights, property
+
+
+def _poisoned_linear(kind: str) -> nn.Linear:
+    layer = nn.Linear(64, 100)
+    with torch.no_grad():
+        if kind == "nan":
+            layer.weight[7, 3] = float("nan")
+        elif kind == "inf":
+            layer.weight[0, 0] = float("-inf")
+        elif kind == "zero":
+            layer.weight.zero_()
+        elif kind == "rank1":
+            layer.weight.copy_(torch.randn(100, 1) @ torch.randn(1, 64))
+    return layer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["nan", "inf", "zero", "rank1"])
+def test_analyze_gives_nan_alpha_with_a_reason_and_leaves_other_layers_alone(kind):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), _poisoned_linear(kind), nn.Linear(100, 80))
+    records = {r.name: r for r in tb.analyze(model)}
+    bad = records["1"]
+    assert math.isnan(bad.alpha) and isinstance(bad.reason, str) and bad.reason
+    for name in ("0", "2"):
+        good = records[name]
+        assert good.reason is None
+        assert good.alpha == pytest.approx(hill_median_reference(svd_eigs(model[int(name)].weight)), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_analyze_too_few_eigenvalues_and_depthwise_conv():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 2, 1), nn.Conv2d(2, 32, 3), nn.Conv2d(32, 32, 3, groups=32))
+    records = {r.name: r for r in tb.analyze(model, precision="float64")}
+    few = records["0"]  # 1x1 conv, 2 eigenvalues: no fit
+    assert few.num_eigs == 2 and math.isnan(few.alpha) and "too few" in few.reason
+    # depthwise: one 1x1 matrix per channel and kernel position, pooled (conv_norm 0.5)
+    depthwise = records["2"]
+    eigs = 0.5 * model[2].weight.detach().double().flatten().numpy() ** 2
+    assert depthwise.num_eigs == eigs.size == 288
+    assert depthwise.alpha == pytest.approx(hill_median_reference(eigs), rel=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_match_a_float64_reference(dtype):
+    torch.manual_seed(1)
+    layer = nn.Linear(96, 128).to(dtype)
+    reference = hill_median_reference(svd_eigs(layer.weight))
+    (record,) = tb.analyze(layer)
+    assert record.alpha == pytest.approx(reference, rel=1e-3)
+    (record64,) = tb.analyze(layer, precision="float64")
+    assert record64.alpha == pytest.approx(reference, rel=1e-9)
+    assert layer.weight.dtype == dtype  # the model is not changed
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    m=st.integers(4, 72),
+    n=st.integers(4, 72),
+    log_scale=st.floats(-4, 4),
+    log_factor=st.floats(-3, 3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_alpha_finite_above_one_and_scale_invariant(m, n, log_scale, log_factor, seed):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(m, n, generator=generator, dtype=torch.float64) * 10.0**log_scale
+    layer = nn.Linear(n, m, bias=False).double()
+    scaled = nn.Linear(n, m, bias=False).double()
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        scaled.weight.copy_(weight * 10.0**log_factor)
+    (a,) = tb.analyze(layer, precision="float64")
+    (b,) = tb.analyze(scaled, precision="float64")
+    assert math.isfinite(a.alpha) and a.alpha > 1.0
+    assert b.alpha == pytest.approx(a.alpha, rel=1e-7)
+    assert a.alpha == pytest.approx(hill_median_reference(svd_eigs(weight)), rel=1e-7)

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from _faults import fill_disk_after
-
 from tempbalance.atomic import WriteError, atomic_path, remove_temporaries, temporaries, write_atomic
 from tempbalance.errors import TempBalanceError
+from tests.helpers.faults import fill_disk_after
 
 
 def test_writes_replace_the_file_and_leave_no_temporary(tmp_path):

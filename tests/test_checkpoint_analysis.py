@@ -389,7 +389,7 @@ RANK_CHILD = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_two_ranks_split_the_tensors_and_agree(tmp_path):
-    from _workers import free_port
+    from tests.helpers.workers import free_port
 
     directory = write_checkpoint(tmp_path / "ckpt")
     expected = tb.analyze(directory).alphas()

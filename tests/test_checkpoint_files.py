@@ -18,7 +18,6 @@ from tempbalance.checkpoint_files import (
     find_state_dict,
     natural_key,
     open_checkpoint,
-    read_safetensors_header,
     strip_wrapper_prefixes,
 )
 from tempbalance.errors import ConfigError

@@ -16,11 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from _workers import free_port, run_workers
-
 from tempbalance.analysis import AnalysisOptions, analyze_layers
 from tempbalance.distributed import assign_layers, distributed_analyze_layers, layer_cost
 from tempbalance.layers import MatrixOptions, find_layers
+from tests.helpers.workers import free_port, run_workers
 
 WORLD = 2
 WORKER_TIMEOUT_S = 240

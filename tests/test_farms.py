@@ -1,7 +1,7 @@
 """Tests of the FARMS spectra (``esd="farms"``): the windows against an independent float64 numpy
 re-derivation of the placement rules (Linear and conv), the aspect-ratio property on random
-matrices and convs, windows larger than the matrix, NaN/inf weights, the default left unchanged,
-and the option's path through TempBalance, the training harness, the CLI and the report."""
+matrices and convs, windows larger than the matrix, NaN/inf weights, and the default left unchanged.
+(TempBalance, the harness, the CLI, the report and sweeps on FARMS: in their own test files.)"""
 
 from __future__ import annotations
 
@@ -15,14 +15,9 @@ from torch import nn
 
 import tempbalance as tb
 from tempbalance.analysis import AnalysisOptions
-from tempbalance.cli import main as cli_main
 from tempbalance.errors import ConfigError
 from tempbalance.farms import window_offsets
-from tempbalance.train import TrainConfig, run_training
-from tempbalance.train.checkpoint import load_checkpoint
 from tempbalance.train.models import create_model
-from tempbalance.train.report import collect_runs, method_label, summarize
-from tempbalance.train.sweep import expand_sweep
 
 
 # ----------------------------------------------------------------- independent re-derivation
@@ -261,81 +256,3 @@ def test_default_full_esd_ignores_the_window_options():
     assert _records(tb.analyze(model, esd="full", window_rows=7, window_q=3.0, windows_per_dim=2)) == _records(default)
     farms = tb.analyze(model, esd="farms")
     assert _records(farms) != _records(default)
-
-
-def test_tempbalance_on_farms_alphas():
-    torch.manual_seed(0)
-    model = create_model("resnet18", 10, width=0.25)
-    balancer = tb.TempBalance(model, torch.optim.SGD(tb.param_groups(model), lr=0.1), esd="farms")
-    plain = tb.TempBalance(model, torch.optim.SGD(tb.param_groups(model), lr=0.1))
-    entries = balancer.history[-1].layers
-    assert [e.layer for e in entries] == [e.layer for e in plain.history[-1].layers]  # same layers balanced
-    farms = tb.analyze(model, esd="farms", precision="float64").alphas()
-    for entry in entries:
-        assert entry.alpha == farms[entry.layer]
-    # at initialisation the plain ESD puts the rectangular stage-entry conv on top (shape alone);
-    # FARMS does not
-    top_plain = max(plain.history[-1].layers, key=lambda e: e.alpha).layer
-    top_farms = max(entries, key=lambda e: e.alpha).layer
-    assert top_plain == "layer4.0.shortcut.0" and top_farms != top_plain
-    with pytest.raises(ConfigError, match="esd='bogus'"):
-        tb.TempBalance(model, torch.optim.SGD(tb.param_groups(model), lr=0.1), esd="bogus")
-
-
-# ----------------------------------------------------------------- harness, CLI, report
-
-
-def test_train_with_esd_farms_logs_farms_alphas(tmp_path):
-    out = tmp_path / "run"
-    config = TrainConfig(
-        dataset="mnist1d", model="cnn1d", method="tb", esd="farms", epochs=1, batch_size=64, width=0.5,
-        train_fraction=0.1, seed=3, device="cpu", progress=False, num_threads=1, out=str(out),
-    )
-    run_training(config)
-    assert json.loads((out / "config.json").read_text())["esd"] == "farms"
-    logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["alpha"]
-    model = create_model("cnn1d", 10, in_channels=1, width=0.5)
-    model.load_state_dict(load_checkpoint(out)["model"])
-    farms = tb.analyze(model, esd="farms", precision="float64").alphas()
-    plain = tb.analyze(model, precision="float64").alphas()
-    assert logged and all(logged[name] == pytest.approx(farms[name], rel=1e-12) for name in logged)
-    assert all(abs(logged[name] - plain[name]) > 1e-6 for name in logged)
-    with pytest.raises(ConfigError, match="unknown esd 'x'"):
-        TrainConfig(dataset="mnist1d", esd="x").validate()
-
-
-def test_cli_analyze_esd_flags(capsys):
-    assert cli_main(["analyze", "resnet18", "--esd", "farms", "--no-progress"]) == 0
-    assert "18x32x64" in capsys.readouterr().out  # layer1's 3x3 64 -> 64 convs: 9 positions x 2 blocks of 32 x 64
-    assert cli_main(["analyze", "resnet18", "--esd", "farms", "--window-q", "1", "--no-progress"]) == 0
-    assert "18x32x64" not in capsys.readouterr().out  # Q = 1: one 64 x 64 block per position
-    assert cli_main(["analyze", "resnet18", "--esd", "farms", "--window-q", "0.5", "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "window_q=0.5" in err
-
-
-def test_report_tells_tb_from_tb_farms(tmp_path):
-    runs = [("cal", "full", (60.0, 62.0)), ("tb", "full", (59.0, 60.0)), ("tb", "farms", (61.0, 65.0)),
-            ("cal", "farms", (60.0, 62.0))]
-    for method, esd, accs in runs:
-        for seed, acc in enumerate(accs):
-            directory = tmp_path / f"{method}-{esd}" / f"seed{seed}"
-            directory.mkdir(parents=True)
-            config = {"dataset": "d", "model": "m", "method": method, "esd": esd, "seed": seed, "tag": "s"}
-            (directory / "config.json").write_text(json.dumps(config))
-            (directory / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "lr": 0.1, "test_acc": acc}) + "\n")
-            (directory / "summary.json").write_text(json.dumps({"status": "finished", "epochs_done": 1}))
-    rows = {row["method"]: row for row in summarize(collect_runs(tmp_path))}
-    assert set(rows) == {"cal", "tb", "tb[esd=farms]"}  # CAL does not measure: its esd is no label
-    assert rows["tb[esd=farms]"]["diff_vs_cal_mean"] == pytest.approx(2.0)  # (61 - 60 + 65 - 62) / 2
-    assert rows["tb"]["diff_vs_cal_mean"] == pytest.approx(-1.5)
-    assert method_label({"method": "tb+snr", "esd": "farms"}) == "tb+snr[esd=farms]"
-    assert method_label({"method": "tb"}) == "tb"  # config.json written before the field existed
-
-
-def test_sweep_files_take_esd():
-    spec = {"name": "x", "base": {"dataset": "mnist1d", "epochs": 1}, "methods": {"cal": {}, "tb": {"esd": "farms"}}}
-    runs = expand_sweep(spec, out="unused")
-    assert {(run.method, run.config.esd) for run in runs} == {("cal", "full"), ("tb", "farms")}
-    with pytest.raises(ConfigError, match="unknown esd 'farm'"):
-        expand_sweep(spec, ["esd=farm"], out="unused")

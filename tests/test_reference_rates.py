@@ -18,30 +18,9 @@ from torch import nn
 
 import tempbalance
 from tempbalance import TempBalance
-
-# {layer: alpha}: Conv2d/Linear in module order minus the first, the last and those with < 50
-# eigenvalues; numpy float64 SVD of the (kh*kw) out x in matrices scaled by sqrt(0.5); median Hill.
-from test_scheduler import reference_alphas as rule_alphas
-
-NORMS = (nn.BatchNorm2d, nn.LayerNorm)
-
-
-def rule_owners(model: nn.Module, balanced: dict[str, float], norm_follows: str) -> dict[str, str]:
-    """{module name: balanced layer whose rate it takes}."""
-    owners = {name: name for name in balanced}
-    previous = None
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            previous = (name, module.weight.shape[0])
-        elif isinstance(module, NORMS):
-            features = module.num_features if isinstance(module, nn.BatchNorm2d) else module.normalized_shape[0]
-            if norm_follows == "name":
-                partner = name.replace("bn", "conv")
-                if isinstance(module, nn.BatchNorm2d) and partner in balanced:
-                    owners[name] = partner
-            elif previous is not None and previous[1] == features and previous[0] in balanced:
-                owners[name] = previous[0]
-    return owners
+from tests.helpers.models import reference_model
+from tests.helpers.reference import rule_owners
+from tests.helpers.reference import reference_alphas as rule_alphas
 
 
 def rule_factors(alphas: dict[str, float], s1: float, s2: float) -> dict[str, float]:
@@ -58,36 +37,6 @@ def rule_rates(model: nn.Module, lr: float, norm_follows: str, s1: float = 0.5, 
         for p in modules[name].parameters(recurse=False):
             rates[id(p)] = lr * factors[owner]
     return rates
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.attn = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.ln_1 = nn.LayerNorm(dim)
-        self.fc = nn.Linear(dim, 4 * dim)
-        self.out = nn.Linear(4 * dim, dim)
-        self.ln_2 = nn.LayerNorm(dim)
-
-
-class SmallTransformer(nn.Module):
-    """Post-norm blocks (a LayerNorm after the Linear that writes its features)."""
-
-    def __init__(self, dim: int = 64, depth: int = 2):
-        super().__init__()
-        self.embed = nn.Linear(32, dim)
-        self.blocks = nn.ModuleList(Block(dim) for _ in range(depth))
-        self.head = nn.Linear(dim, 10)
-
-
-def reference_model(name: str) -> nn.Module:
-    torch.manual_seed(11)
-    if name == "transformer":
-        return SmallTransformer()
-    from tempbalance.train.models import create_model
-
-    return create_model(name, num_classes=10, in_channels=3, width=0.25)
 
 
 @pytest.mark.parametrize(

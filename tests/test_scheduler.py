@@ -17,112 +17,14 @@ from torch.optim import lr_scheduler as lrs
 import tempbalance
 from tempbalance import TempBalance
 from tempbalance.errors import ConfigError
+from tempbalance.train.models import create_model
+from tests.helpers.models import BALANCED, MLP, SmallNet, perturb, train_step
+from tests.helpers.reference import hill_median_reference, reference_alphas, reference_rates, svd_eigs
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*lr_scheduler.step.*:UserWarning")
 
 
-# --- helpers ------------------------------------------------------------------------------
-
-
-class SmallNet(nn.Module):
-    """stem conv (first, excluded) -> three balanced convs with BN -> Linear head (last)."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.c1 = nn.Conv2d(16, 32, 3, padding=1)
-        self.n1 = nn.BatchNorm2d(32)
-        self.c2 = nn.Conv2d(32, 32, 3, padding=1)
-        self.n2 = nn.BatchNorm2d(32)
-        self.c3 = nn.Conv2d(32, 48, 3, padding=1)
-        self.n3 = nn.BatchNorm2d(48)
-        self.head = nn.Linear(48, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.stem(x))
-        x = torch.relu(self.n1(self.c1(x)))
-        x = torch.relu(self.n2(self.c2(x)))
-        x = torch.relu(self.n3(self.c3(x)))
-        return self.head(x.mean((2, 3)))
-
-
-BALANCED = ["c1", "c2", "c3"]
-
-
-def batch(step: int, n: int = 16):
-    g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
-
-
-def train_step(model, optimizer, step):
-    x, y = batch(step)
-    optimizer.zero_grad(set_to_none=True)
-    nn.functional.cross_entropy(model(x), y).backward()
-    optimizer.step()
-
-
-def lrs_by_name(optimizer):
-    return {g["name"]: float(g["lr"]) for g in optimizer.param_groups}
-
-
-def perturb(model, step):
-    g = torch.Generator().manual_seed(step)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3 * p.std())
-
-
 # --- the published rule, re-derived independently in float64 -------------------------------
-
-
-def reference_alphas(model: nn.Module) -> dict[str, float]:
-    """{layer name: alpha}: Conv2d/Linear in module order, first and last dropped, fewer than 50
-    eigenvalues dropped; conv weights as kh*kw matrices (out x in) scaled by sqrt(0.5);
-    eigenvalues = squared singular values (numpy float64 SVD); median Hill alpha as the reference."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    alphas: dict[str, float] = {}
-    for name, m in layers[1:-1]:
-        w = m.weight.detach().cpu().double().numpy()
-        if w.ndim == 4:
-            mats = np.transpose(w.reshape(w.shape[0], w.shape[1], -1), (2, 0, 1)) * math.sqrt(0.5)
-        else:
-            mats = w[None]
-        eigs = np.sort(np.square(np.linalg.svd(mats, compute_uv=False)).ravel())
-        if eigs.size < 50:
-            continue
-        i = eigs.size // 2
-        n = eigs.size - i
-        alphas[name] = 1 + n / (np.sum(np.log(eigs[i:])) - n * np.log(eigs[i]))
-    return alphas
-
-
-def reference_rates(
-    model: nn.Module, lr: float, norm_follows: str, s1=0.5, s2=1.5, alphas: dict[str, float] | None = None
-) -> dict[int, float]:
-    """{id(param): expected lr}: the linear map of :func:`reference_alphas` (computed unless
-    given); norms by order (matching width) or by "bn" -> "conv" names."""
-    alphas = reference_alphas(model) if alphas is None else alphas
-    a = np.array(list(alphas.values()))
-    factor = dict(zip(alphas, s1 + (s2 - s1) * (a - a.min()) / (a.max() - a.min())))
-    owner: dict[str, str] = {name: name for name in alphas}
-    mods = dict(model.named_modules())
-    if norm_follows == "name":
-        for name, m in mods.items():
-            if isinstance(m, nn.BatchNorm2d) and name.replace("bn", "conv") in alphas:
-                owner[name] = name.replace("bn", "conv")
-    else:
-        previous = None
-        for name, m in mods.items():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                previous = (name, m.weight.shape[0])
-            elif isinstance(m, nn.BatchNorm2d) and previous and previous[1] == m.num_features and previous[0] in alphas:
-                owner[name] = previous[0]
-    rates = {id(p): lr for p in model.parameters()}
-    for name, layer in owner.items():
-        for p in mods[name].parameters(recurse=False):
-            rates[id(p)] = lr * factor[layer]
-    return rates
 
 
 @pytest.fixture(scope="module")
@@ -612,3 +514,111 @@ def test_training_run_rates_follow_alphas():
     for g in opt.param_groups:  # the groups carry the current rates
         if "tb_layer" in g:
             assert g["lr"] == pytest.approx(tb.history[-1].layers[tb.layers.index(g["tb_layer"])].lr, rel=1e-12)
+
+
+# --- FARMS alphas -------------------------------------------------------------------------
+
+
+def test_tempbalance_on_farms_alphas():
+    torch.manual_seed(0)
+    model = create_model("resnet18", 10, width=0.25)
+    balancer = tempbalance.TempBalance(model, torch.optim.SGD(tempbalance.param_groups(model), lr=0.1), esd="farms")
+    plain = tempbalance.TempBalance(model, torch.optim.SGD(tempbalance.param_groups(model), lr=0.1))
+    entries = balancer.history[-1].layers
+    assert [e.layer for e in entries] == [e.layer for e in plain.history[-1].layers]  # same layers balanced
+    farms = tempbalance.analyze(model, esd="farms", precision="float64").alphas()
+    for entry in entries:
+        assert entry.alpha == farms[entry.layer]
+    # at initialisation the plain ESD puts the rectangular stage-entry conv on top (shape alone);
+    # FARMS does not
+    top_plain = max(plain.history[-1].layers, key=lambda e: e.alpha).layer
+    top_farms = max(entries, key=lambda e: e.alpha).layer
+    assert top_plain == "layer4.0.shortcut.0" and top_farms != top_plain
+    with pytest.raises(ConfigError, match="esd='bogus'"):
+        tempbalance.TempBalance(model, torch.optim.SGD(tempbalance.param_groups(model), lr=0.1), esd="bogus")
+
+
+# --- bad weights during training ----------------------------------------------------------
+
+
+def _rates_ok(optimizer: torch.optim.Optimizer) -> bool:
+    return all(math.isfinite(float(g["lr"])) and float(g["lr"]) >= 0 for g in optimizer.param_groups)
+
+
+@pytest.mark.slow
+def test_nan_weights_mid_training_keep_rates_finite_and_warn_once(caplog):
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 20), torch.randint(0, 5, (256,))
+    model = MLP()
+    optimizer = torch.optim.SGD(tempbalance.param_groups(model), lr=0.05, momentum=0.9)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
+    scheduler = tempbalance.TempBalance(model, optimizer, cosine)
+    assert scheduler.layers == ["h1", "h2", "h3"]
+    with caplog.at_level(logging.WARNING, logger="tempbalance"):
+        for epoch in range(8):
+            for batch in range(0, 256, 32):
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x[batch : batch + 32]), y[batch : batch + 32]).backward()
+                optimizer.step()
+            if epoch == 3:  # poison one balanced layer just before its rebalance
+                with torch.no_grad():
+                    model.h2.weight[5, 5] = float("nan")
+            scheduler.step()
+            assert _rates_ok(optimizer), [g["lr"] for g in optimizer.param_groups]
+            if epoch == 3:
+                assert scheduler.factors["h2"] == 1.0
+                entry = {e.layer: e for e in scheduler.history[-1].layers}["h2"]
+                assert math.isnan(entry.alpha) and "non-finite" in entry.reason
+                others = [scheduler.factors["h1"], scheduler.factors["h3"]]
+                assert sorted(others) == [0.5, 1.5]  # the two healthy layers still span s1..s2
+    warnings = [r.getMessage() for r in caplog.records if "keeps factor 1" in r.getMessage()]
+    assert sum("layer h2 " in w for w in warnings) == 1
+    # the NaN spreads through training to the other layers: each warns once, never per epoch
+    assert len(warnings) == len(set(warnings)) <= 3
+
+
+@pytest.mark.slow
+def test_identical_alphas_give_factor_one():
+    torch.manual_seed(0)
+    model = MLP()
+    with torch.no_grad():
+        model.h2.weight.copy_(model.h1.weight)
+        model.h3.weight.copy_(model.h1.weight)
+    optimizer = torch.optim.SGD(tempbalance.param_groups(model), lr=0.1)
+    scheduler = tempbalance.TempBalance(model, optimizer)
+    alphas = [e.alpha for e in scheduler.history[-1].layers]
+    assert len(set(alphas)) == 1 and math.isfinite(alphas[0])
+    assert scheduler.factors == {"h1": 1.0, "h2": 1.0, "h3": 1.0}
+    assert all(g["lr"] == 0.1 for g in optimizer.param_groups)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_balances_with_finite_rates(dtype):
+    torch.manual_seed(0)
+    model = MLP().to(dtype)
+    optimizer = torch.optim.SGD(tempbalance.param_groups(model), lr=0.1)
+    scheduler = tempbalance.TempBalance(model, optimizer)
+    scheduler.step()
+    assert _rates_ok(optimizer)
+    alphas = {name: hill_median_reference(svd_eigs(getattr(model, name).weight)) for name in scheduler.layers}
+    low, high = min(alphas.values()), max(alphas.values())
+    for entry in scheduler.history[-1].layers:
+        assert entry.alpha == pytest.approx(alphas[entry.layer], rel=1e-6)  # float64 by default in TempBalance
+        expected = 0.5 + (alphas[entry.layer] - low) / (high - low)  # the linear map, s1 = 0.5, s2 = 1.5
+        assert scheduler.factors[entry.layer] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_small_1x1_conv_is_not_balanced_and_keeps_the_global_rate():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3), nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 3),
+        nn.Conv2d(16, 16, 3), nn.Flatten(), nn.Linear(16, 3),
+    )
+    optimizer = torch.optim.SGD(tempbalance.param_groups(model), lr=0.1)
+    scheduler = tempbalance.TempBalance(model, optimizer)
+    assert "2" not in scheduler.layers and "eigs_thresh" in scheduler.plan.skipped["2"]
+    (group,) = [g for g in optimizer.param_groups if any(p is model[2].weight for p in g["params"])]
+    assert group["lr"] == 0.1
+    assert _rates_ok(optimizer)

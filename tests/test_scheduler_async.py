@@ -1,7 +1,8 @@
 """TempBalance(asynchronous=True): the factors come from the weights as they were at the due
-step (checked against the independent float64 rule of test_scheduler), take effect before the
-first optimizer step after the worker finishes, survive a checkpoint taken while pending, and
-fail loudly. The worker is gated with events so that every timing below is forced, not raced."""
+step (checked against the independent float64 rule of tests/helpers/reference.py), take effect
+before the first optimizer step after the worker finishes, survive a checkpoint taken while
+pending, and fail loudly. The worker is gated with events so that every timing below is forced,
+not raced."""
 
 from __future__ import annotations
 
@@ -10,39 +11,17 @@ import threading
 
 import pytest
 import torch
-from test_scheduler import BALANCED, SmallNet, lrs_by_name, reference_rates, train_step
 
 import tempbalance
 import tempbalance.background as background
 import tempbalance.scheduler as scheduler_module
 from tempbalance import TempBalance
 from tempbalance.errors import ConfigError
+from tests.helpers.gate import Gate
+from tests.helpers.models import BALANCED, SmallNet, lrs_by_name, train_step
+from tests.helpers.reference import reference_rates
 
 LR = 0.1
-
-
-class Gate:
-    """Wraps the worker's analyze_layers: each call waits for ``release`` and sets ``finished``."""
-
-    def __init__(self, monkeypatch):
-        self.release = threading.Event()
-        self.finished = threading.Event()
-        self.calls = 0
-        inner = background.analyze_layers
-
-        def gated(refs, options):
-            self.calls += 1
-            assert self.release.wait(30), "test gate never released"
-            try:
-                return inner(refs, options)
-            finally:
-                self.finished.set()
-
-        monkeypatch.setattr(background, "analyze_layers", gated)
-
-    def open_and_wait(self):
-        self.release.set()
-        assert self.finished.wait(30)
 
 
 def make(seed=0, asynchronous=True):

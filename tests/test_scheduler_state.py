@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_reference_rates import rule_alphas
-from test_scheduler import SmallNet, perturb, train_step
-from test_scheduler_async import Gate
 from torch import nn
 from torch.optim import lr_scheduler as lrs
 
 import tempbalance
 from tempbalance import TempBalance
 from tempbalance.errors import ConfigError
+from tests.helpers.gate import Gate
+from tests.helpers.models import SmallNet, perturb, train_step
+from tests.helpers.reference import reference_alphas as rule_alphas
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*lr_scheduler.step.*:UserWarning")
 

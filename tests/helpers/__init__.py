@@ -1,0 +1,1 @@
+"""Helpers shared by several test files (imported explicitly: ``from tests.helpers.runs import tiny``)."""

@@ -29,7 +29,7 @@ OPTS = MatrixOptions()
 
 
 def _median_hill_alpha(w: np.ndarray) -> float:
-    """Reference median Hill alpha (method.md section 2.4) from a float64 SVD."""
+    """Reference median Hill alpha (the published rule) from a float64 SVD."""
     eigs = np.sort(np.linalg.svd(w.astype(np.float64), compute_uv=False) ** 2)
     n_all = eigs.size
     i = n_all // 2

@@ -1,6 +1,6 @@
 """Independent float64 references of the published rule: eigenvalues by a numpy SVD, the median Hill
-alpha re-derived from method.md §2.4, the layer selection (Conv2d / Linear in module order minus
-the first, the last and those with fewer than 50 eigenvalues), the linear map onto [s1, s2], and
+alpha re-derived (xmin at the median eigenvalue, n counting xmin), the layer selection (Conv2d /
+Linear in module order minus the first, the last and those with fewer than 50 eigenvalues), the linear map onto [s1, s2], and
 which norm layer follows which layer. They know nothing of the library."""
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def rule_owners(model: nn.Module, balanced: dict[str, float], norm_follows: str)
 
 
 def hill_median_reference(eigs: np.ndarray) -> float:
-    """The published median Hill estimator re-derived from method.md §2.4 (float64, numpy)."""
+    """The published median Hill estimator re-derived from the published rule (xmin at the median eigenvalue, n counting xmin) (float64, numpy)."""
     lam = np.sort(np.asarray(eigs, dtype=np.float64))
     i = lam.size // 2
     n = lam.size - i

@@ -1,5 +1,5 @@
 """Tests of the method registry: every method builds and takes a step; each one's optimizer,
-schedule and regulariser carry the paper's settings (method.md §3); no config <-> methods import
+schedule and regulariser carry the paper's settings; no config <-> methods import
 cycle."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests of sweeps: the paper configs against method.md §3 (re-typed here), grid expansion,
+"""Tests of sweeps: the paper configs against the published settings (re-typed here), grid expansion,
 overrides, method variants, skipping finished runs and resuming half-done ones (a summary that
 disagrees with the checkpoint does not make a run done), runs another process holds, and several
 sweeps of one file at once as real processes."""
@@ -30,7 +30,7 @@ from tests.helpers.sweeps import spec
 
 SEEDS = [43, 37, 13, 51, 71]
 
-# method.md §3, typed again by hand: (dataset, model name, lr CAL/SNR/TB/TB+SNR, SNR coef SNR/TB+SNR)
+# The paper's settings, typed again by hand: (dataset, model name, lr CAL/SNR/TB/TB+SNR, SNR coef SNR/TB+SNR)
 MAIN_TABLE = [
     ("cifar100", "resnet18", (0.1, 0.1, 0.1, 0.1), (0.01, 0.001)),
     ("cifar100", "resnet34", (0.05, 0.1, 0.1, 0.1), (0.015, 0.005)),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parent.parent / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 EPOCH_LINE = re.compile(
     r"(cal|tb) mnist1d/cnn1d seed \d+: epoch (\d+)/(\d+), loss \d+\.\d+, test acc \d+\.\d+%, "
     r"\d+(\.\d)?s elapsed(, ETA \S+)?"

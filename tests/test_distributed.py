@@ -248,7 +248,6 @@ def test_ddp_training_with_balanced_rates_ends_identical(ddp_results):
 
 @pytest.mark.slow
 def test_tempbalance_rates_agree_across_ranks_and_with_one_process(ddp_results):
-    tb = ddp_results[0]["tempbalance"]
     model = _resnet()
     import tempbalance
 

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
-import tempbalance
 from tempbalance.cli import build_parser
 from tempbalance.cli import main as cli_main
 
 
-@pytest.mark.skipif(not hasattr(tempbalance, "TempBalance"), reason="tempbalance.TempBalance not built yet")
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--seeds", "1", "--epochs", "1", "--train-fraction", "0.1", "--threads", "1",

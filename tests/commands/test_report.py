@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import tempbalance
 from tempbalance.cli import main as cli_main
 from tempbalance.train.sweep import expand_sweep, run_sweep
 
@@ -32,7 +31,6 @@ def tiny_sweep(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.skipif(not hasattr(tempbalance, "TempBalance"), reason="tempbalance.TempBalance not built yet")
 def test_report_on_a_tiny_real_sweep(tiny_sweep, tmp_path, capsys):
     out = tmp_path / "report"
     assert cli_main(["report", str(tiny_sweep), "--out", str(out)]) == 0

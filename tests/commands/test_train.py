@@ -18,7 +18,7 @@ from tempbalance.cli import main as cli_main
 from tempbalance.commands.train import config_from_args, train_flags
 from tempbalance.train import TrainConfig
 from tests.helpers.cli import call_cli
-from tests.helpers.runs import TB_RUN_ARGS, needs_scheduler
+from tests.helpers.runs import TB_RUN_ARGS
 
 
 # Every flag name of the previous release (its OPTIONS and SWITCHES tables, typed again here).
@@ -130,7 +130,6 @@ def test_cli_train_prints_summary_line(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("finished: cal on mnist1d/cnn1d seed 43, 1/1 epochs")
 
 
-@needs_scheduler
 def test_cli_flags_reach_the_run(tmp_path, capsys):
     out = tmp_path / "cli"
     argv = [

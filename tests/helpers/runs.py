@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
-import tempbalance
 from tempbalance.train import TrainConfig
 from tempbalance.train.checkpoint import load_checkpoint
 from tempbalance.train.metrics import read_metrics
@@ -35,11 +33,6 @@ def assert_same_weights(a: Path, b: Path) -> None:
     """The newest checkpoints of runs ``a`` and ``b`` hold bit-identical weights."""
     wa, wb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-needs_scheduler = pytest.mark.skipif(
-    not hasattr(tempbalance, "TempBalance"), reason="tempbalance.TempBalance not built yet"
-)
 
 
 def tiny(out: Path | None, **overrides) -> TrainConfig:

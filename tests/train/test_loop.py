@@ -19,10 +19,9 @@ from tempbalance.errors import ConfigError
 from tempbalance.train import TrainConfig, run_training
 from tempbalance.train.checkpoint import load_checkpoint
 from tempbalance.train.models import create_model
-from tests.helpers.runs import TB_RUN, assert_same_run, needs_scheduler, tiny, weights
+from tests.helpers.runs import TB_RUN, assert_same_run, tiny, weights
 
 
-@needs_scheduler
 def test_tb_run_writes_config_metrics_checkpoints_and_summary(tmp_path):
     out = tmp_path / "tb"
     summary = run_training(tiny(out, method="tb", epochs=2))
@@ -73,14 +72,12 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path):
     assert not torch.equal(weights(tmp_path / "a")["conv2.weight"], weights(tmp_path / "c")["conv2.weight"])
 
 
-@needs_scheduler
 def test_tb_with_unit_factors_reproduces_cal_exactly(tmp_path):
     run_training(tiny(tmp_path / "cal", epochs=2))
     run_training(tiny(tmp_path / "tb", method="tb", s1=1.0, s2=1.0, epochs=2))
     assert_same_run(tmp_path / "cal", tmp_path / "tb", scalars_only=True)
 
 
-@needs_scheduler
 def test_bf16_autocast_runs_and_changes_the_arithmetic(tmp_path):
     plain = run_training(tiny(tmp_path / "fp32", method="tb", epochs=1))
     bf16 = run_training(tiny(tmp_path / "bf16", method="tb", epochs=1, amp="bf16"))
@@ -94,7 +91,6 @@ def test_bf16_autocast_runs_and_changes_the_arithmetic(tmp_path):
 
 
 @pytest.mark.slow  # inductor compiles the model on the CPU (~1 min on 2 cores)
-@needs_scheduler
 def test_compiled_run_saves_plain_weights_and_resumes(tmp_path):
     out = tmp_path / "compiled"
     stopped = run_training(tiny(out, method="tb", compile=True, stop_after=1))
@@ -111,7 +107,6 @@ def rows_of(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@needs_scheduler
 @pytest.mark.parametrize("method, lr_balanced", [("alphadecay", False), ("tb+alphadecay", True)])
 def test_alphadecay_run_logs_per_layer_weight_decay(tmp_path, method, lr_balanced):
     out = tmp_path / method

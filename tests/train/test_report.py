@@ -18,7 +18,7 @@ from tempbalance.errors import ConfigError
 from tempbalance.train import run_training
 from tempbalance.train.report import collect_runs, method_label, summarize, write_report
 from tests.helpers.faults import fill_disk_after
-from tests.helpers.runs import needs_scheduler, tiny
+from tests.helpers.runs import tiny
 
 
 def fake_run(root: Path, setting: str, method: str, seed: int, accs: list[float], finished: bool = True) -> None:
@@ -167,7 +167,6 @@ def test_report_files_are_written_atomically(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- AlphaDecay and FARMS runs
 
 
-@needs_scheduler
 def test_report_draws_weight_decay_heat_maps(tmp_path):
     pytest.importorskip("matplotlib")
     run_training(tiny(tmp_path / "runs" / "ad", method="alphadecay", epochs=2, tag="s"))

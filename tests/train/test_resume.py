@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import tempbalance
 from tempbalance.atomic import WriteError, temporaries
 from tempbalance.cli import main as cli_main
 from tempbalance.errors import ConfigError
@@ -34,14 +33,12 @@ from tests.helpers.runs import (
     assert_readable,
     assert_same_run,
     assert_same_weights,
-    needs_scheduler,
     rows_without_times,
     tiny,
     without_times,
 )
 
 
-@needs_scheduler
 def test_resume_after_stop_is_bit_exact(tmp_path):
     method = dict(method="tb+snr", s1=0.6, s2=1.4, snr_coef=0.01)
     run_training(tiny(tmp_path / "full", **method))
@@ -89,8 +86,6 @@ def test_sigterm_stops_cleanly_and_resume_matches(tmp_path):
 
 @pytest.mark.parametrize("method", ["lookahead", "sgdr", "tb+sgdp"])
 def test_resume_is_exact_for_other_optimizers(tmp_path, method):
-    if method.startswith("tb") and not hasattr(tempbalance, "TempBalance"):
-        pytest.skip("tempbalance.TempBalance not built yet")
     same = dict(method=method, epochs=3, lookahead_k=3, sgdr_t0=2)
     run_training(tiny(tmp_path / "full", **same))
     run_training(tiny(tmp_path / "parts", stop_after=1, **same))
@@ -98,7 +93,6 @@ def test_resume_is_exact_for_other_optimizers(tmp_path, method):
     assert_same_run(tmp_path / "full", tmp_path / "parts")
 
 
-@needs_scheduler
 def test_tb_async_run_stops_resumes_and_logs_alphas(tmp_path, capsys):
     out = tmp_path / "async"
     argv = [
@@ -123,7 +117,6 @@ def test_tb_async_run_stops_resumes_and_logs_alphas(tmp_path, capsys):
     assert all(0 <= entry["lag_steps"] <= 7 for entry in state["history"][1:])  # 7 updates an epoch
 
 
-@needs_scheduler
 def test_a_run_saved_as_tb_async_resumes(tmp_path):
     out = tmp_path / "old"
     run_training(tiny(out, method="tb", asynchronous=True, stop_after=1))

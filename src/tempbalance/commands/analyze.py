@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import difflib
 import io
 import json
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from ..analysis import AnalysisOptions, AnalysisReport, analyze_layers, layer_progress
-from ..checkpoint_analysis import DEFAULT_BATCH_BYTES, AnalysisJournal, analyze_checkpoint, journal_header, plan_tensors
+from ..checkpoint_analysis import DEFAULT_BATCH_BYTES, AnalysisJournal, analyze_checkpoint, plan_tensors
 from ..checkpoint_files import (
     CheckpointSource,
     find_state_dict,

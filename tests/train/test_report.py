@@ -84,6 +84,17 @@ def test_runs_of_one_method_with_other_settings_are_separate_rows(tmp_path):
     assert rows["tb[s1=0.5,s2=1.5]"]["diff_vs_cal_mean"] == pytest.approx(-10.0)
 
 
+def test_a_setting_saved_under_its_old_name_is_the_same_setting(tmp_path):
+    for seed in (1, 2):
+        fake_run(tmp_path, "s", "tb", seed, [70.0 + seed])
+    for path in tmp_path.rglob("config.json"):
+        config = json.loads(path.read_text())
+        renamed = {"tb_async": True} if config["seed"] == 1 else {"asynchronous": True}  # tb_async before the rename
+        path.write_text(json.dumps(dict(config, **renamed)))
+    rows = {row["method"]: row for row in summarize(collect_runs(tmp_path))}
+    assert set(rows) == {"tb"} and rows["tb"]["n_seeds"] == 2
+
+
 # ---------------------------------------------------------------- damaged and unfinished runs
 
 

@@ -209,17 +209,24 @@ class TrainConfig:
         """All fields as plain values (what ``config.json`` holds)."""
         return dataclasses.asdict(self)
 
+    @classmethod
+    def experiment_settings(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """The fields that define the experiment (every field outside
+        :data:`RESULT_NEUTRAL_FIELDS`), in field order, read from a run's recorded ``values``: old
+        field names are read under their new ones, and a field ``values`` lacks had its default
+        when the run was saved."""
+        defaults = cls().to_dict()
+        values = cls.upgrade_dict(values)
+        return {name: values.get(name, defaults[name]) for name in cls.field_names() if name not in RESULT_NEUTRAL_FIELDS}
+
     def differences(self, recorded: dict[str, Any]) -> list[str]:
-        """``"name: recorded -> now"`` for each field that defines the experiment (every field
-        outside :data:`RESULT_NEUTRAL_FIELDS`) and differs from a run's ``recorded`` settings; a
-        field ``recorded`` lacks had its default when the run was saved."""
-        defaults = TrainConfig().to_dict()
-        recorded = TrainConfig.upgrade_dict(recorded)  # a run saved under old field names
+        """``"name: recorded -> now"`` for each field of :meth:`experiment_settings` that differs
+        between a run's ``recorded`` settings and these."""
         current = self.to_dict()
         return [
-            f"{name}: {recorded.get(name, defaults[name])!r} -> {current[name]!r}"
-            for name in self.field_names()
-            if name not in RESULT_NEUTRAL_FIELDS and recorded.get(name, defaults[name]) != current[name]
+            f"{name}: {value!r} -> {current[name]!r}"
+            for name, value in self.experiment_settings(recorded).items()
+            if value != current[name]
         ]
 
     def validate(self) -> "TrainConfig":

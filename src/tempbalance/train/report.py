@@ -135,16 +135,15 @@ def _label_variants(runs: list[RunResult]) -> None:
     """Runs of one (setting, method) whose settings differ beyond the seed are different
     experiments: append the differing settings to their method (``tb[s1=0.8,s2=1.2]``), so no
     row of the report averages them together."""
-    from .config import RESULT_NEUTRAL_FIELDS, TrainConfig
+    from .config import TrainConfig
 
-    defaults = TrainConfig().to_dict()
-    compared = [key for key in defaults if key not in RESULT_NEUTRAL_FIELDS and key not in ("seed", "method", "esd")]
     groups: dict[tuple[str, str], list[RunResult]] = {}
     for run in runs:
         if run.problem is None:
             groups.setdefault((run.setting, run.method), []).append(run)
     for group in groups.values():
-        values = [{key: run.config.get(key, defaults[key]) for key in compared} for run in group]
+        values = [TrainConfig.experiment_settings(run.config) for run in group]
+        compared = [key for key in values[0] if key not in ("seed", "method", "esd")]
         differing = [key for key in compared if len({json.dumps(v[key], sort_keys=True) for v in values}) > 1]
         if not differing:
             continue

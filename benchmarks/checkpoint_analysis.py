@@ -22,11 +22,15 @@ Tools (``--tools``): ``tb-median`` and ``tb-ks`` (``tempbalance analyze DIR --fi
 ``--ww-on-7b`` to force it). Every measurement is a fresh child process with the same thread count
 (``OMP/MKL/OPENBLAS_NUM_THREADS`` and ``torch.set_num_threads``); wall time around the child, peak
 RSS from its ``wait4`` rusage (includes the Python + torch start-up, shown as the ``import only`` row).
+``--cold`` drops the page cache before each measurement (Linux, as root), so the time includes reading
+the files from disk, as after a download; ``--baseline-src DIR`` also runs every ``tb-*`` tool with
+another checkout's ``src/`` (e.g. the last release's), in the same run, labelled ``tb-median @ DIR``.
 
 Usage (repository root):
     python benchmarks/checkpoint_analysis.py --tiny                      # shapes / 16: proves the script, ~2 min
     python benchmarks/checkpoint_analysis.py --threads 2 --out .agents/bench_checkpoints.md
     python benchmarks/checkpoint_analysis.py --configs llama7b-1 llama7b --tools tb-median --device cuda
+    python benchmarks/checkpoint_analysis.py --configs llama7b-1 llama7b --tools tb-median --cold --baseline-src ../old/src
     python benchmarks/checkpoint_analysis.py --clean                     # delete the written checkpoints
 """
 
@@ -222,12 +226,21 @@ print("RESULT " + json.dumps({"layers": int(len(details)), "mean_alpha": float(a
 IMPORT_CHILD = "import torch, tempbalance, safetensors; print('RESULT {}')"
 
 
-def thread_env(threads: int) -> dict[str, str]:
+def thread_env(threads: int, src: Path = REPO / "src") -> dict[str, str]:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
-    env["PYTHONPATH"] = str(REPO / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(src) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
+
+
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def drop_page_cache() -> None:
+    """Write back dirty pages and drop the clean page cache (Linux, root), so files come from disk."""
+    os.sync()
+    DROP_CACHES.write_text("1\n")
 
 
 def measure(command: list[str], env: dict[str, str], timeout: float) -> tuple[float, float, str]:
@@ -255,8 +268,10 @@ def measure(command: list[str], env: dict[str, str], timeout: float) -> tuple[fl
     return wall, usage.ru_maxrss / 1024, stdout
 
 
-def run_tool(tool: str, directory: Path, args: argparse.Namespace) -> dict:
-    env = thread_env(args.threads)
+def run_tool(tool: str, directory: Path, args: argparse.Namespace, src: Path = REPO / "src") -> dict:
+    env = thread_env(args.threads, src)
+    if args.cold and tool != "import":
+        drop_page_cache()
     if tool == "ww":
         command = [sys.executable, "-c", WW_CHILD, str(directory), str(args.threads)]
     elif tool == "import":
@@ -301,10 +316,16 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards (default: delete)")
     parser.add_argument("--clean", action="store_true", help="only delete the written checkpoints")
     parser.add_argument("--out", help="also write the Markdown table to this file")
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each measurement (root)")
+    parser.add_argument("--baseline-src", type=Path, help="also run the tb tools with this checkout's src/ folder")
     args = parser.parse_args()
     if args.clean:
         shutil.rmtree(CACHE, ignore_errors=True)
         return
+    if args.cold and not os.access(DROP_CACHES, os.W_OK):
+        parser.error(f"--cold needs write access to {DROP_CACHES} (Linux, as root)")
+    if args.baseline_src is not None and not (args.baseline_src / "tempbalance" / "__init__.py").is_file():
+        parser.error(f"--baseline-src {args.baseline_src}: no tempbalance package there (give a checkout's src/ folder)")
 
     rows = []
     baseline = summarize([run_tool("import", REPO, args) for _ in range(args.repeats)])
@@ -318,10 +339,14 @@ def main() -> None:
         for tool in args.tools:
             if tool == "ww" and config.startswith("llama7b") and not args.ww_on_7b:
                 continue
-            print(f"[{datetime.datetime.now():%H:%M:%S}] {name}: {tool}", file=sys.stderr)
-            result = summarize([run_tool(tool, directory, args) for _ in range(args.repeats)])
-            timings[(config, tool)] = result
-            rows.append((label, tool, result, None))
+            variants = [(tool, REPO / "src")]
+            if args.baseline_src is not None and tool.startswith("tb"):
+                variants.insert(0, (f"{tool} @ {args.baseline_src}", args.baseline_src.resolve()))
+            for variant, src in variants:
+                print(f"[{datetime.datetime.now():%H:%M:%S}] {name}: {variant}", file=sys.stderr)
+                result = summarize([run_tool(tool, directory, args, src) for _ in range(args.repeats)])
+                timings[(config, variant)] = result
+                rows.append((label, variant, result, None))
         for tool in ("tb-median", "tb-ks"):
             if (config, tool) in timings and (config, "ww") in timings:
                 ww = timings[(config, "ww")]
@@ -333,7 +358,7 @@ def main() -> None:
     lines = [
         f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; CPU: {cpu_model()} "
         f"({os.cpu_count()} logical cores); {args.threads} thread(s); device {args.device}; torch {torch.__version__}"
-        + ("; TINY shapes (widths / 16)" if args.tiny else ""),
+        + ("; TINY shapes (widths / 16)" if args.tiny else "") + ("; page cache dropped before each run" if args.cold else ""),
         f"command: python benchmarks/checkpoint_analysis.py {' '.join(sys.argv[1:])}",
         "",
         "| checkpoint | tool | wall s (median) | min s | peak RSS MB | above start-up MB | layers | mean alpha "
@@ -349,7 +374,7 @@ def main() -> None:
         lines.append(f"| {label} | {tool} | {r['wall']:.2f} | {r['wall_min']:.2f} | {r['rss']:.0f} "
                      f"| {r['rss'] - baseline['rss']:.0f} | {r.get('layers', '')} "
                      f"| {'' if mean is None else f'{mean:.3f}'} | {vs} |")
-    for tool in ("tb-median", "tb-ks"):
+    for tool in sorted({variant for _, variant in timings if variant.startswith("tb")}):
         if ("llama7b", tool) in timings and ("llama7b-1", tool) in timings:
             per_block = (timings[("llama7b", tool)]["wall"] - timings[("llama7b-1", tool)]["wall"]) / 31
             ratio = block_cost(LLAMA_70B) / block_cost(SHAPES["llama7b"])

@@ -6,7 +6,9 @@
 #      VGG16, WRN28-6 (random init), alpha agreement, and the alphas' change under TF32 (should be 0);
 #   3. one TempBalance rebalance vs one ResNet18 epoch, and the asynchronous mode's cost;
 #   4. checkpoint analysis on the GPU: a GPT-2-small-shaped Hugging Face directory (random weights)
-#      generated there, timed through `tempbalance analyze DIR --device cuda` (and cpu);
+#      generated there, timed through `tempbalance analyze DIR --device cuda` (and cpu); then Llama-2-7B
+#      shapes (1 and 32 blocks of random bf16 weights made on the GPU, no file) analysed there: the
+#      compute the checkpoint issue wants in <= 30 s, and the time per block;
 #   5. the data (decoded once, cached) and the harness's training throughput: CAL, TB, and TB under
 #      torch.compile (every batch full: two graphs; compile time apart from steady-state images/s);
 #   6. CAL vs TB, ResNet18 on CIFAR-10, 2 seeds, the 4 runs side by side, epochs planned from the
@@ -135,10 +137,12 @@ log "$ENV_LINE"
 
 if [[ "$DRY" == 1 ]]; then
     A_WIDTH=0.125; A_REPEATS=1; R_WIDTH=0.125; R_BATCH=16; R_STEPS=2; S_WIDTH=0.125; CK=(--tiny --devices cpu)
+    LL=(--tiny --device cpu)
     SYN_TRAIN=640; SYN_TEST=200; T_WIDTH=0.0625; T_BATCH=32; T_EVAL=50; T_EPOCHS=2; C_SEEDS="0"; C_MAX_EPOCHS=2; C_PAR=2
     BACKEND="${GPU_SH_COMPILE_BACKEND:-eager}"
 else
     A_WIDTH=1; A_REPEATS=2; R_WIDTH=1; R_BATCH=128; R_STEPS=30; S_WIDTH=0.25; CK=(--devices cuda cpu)
+    LL=(--device cuda --cap 40)
     SYN_TRAIN=49920; SYN_TEST=10000; T_WIDTH=1; T_BATCH=128; T_EVAL=500; T_EPOCHS=2; C_SEEDS="0 1"; C_MAX_EPOCHS=40; C_PAR=4
     BACKEND="${GPU_SH_COMPILE_BACKEND:-inductor}"
 fi
@@ -170,7 +174,7 @@ md "# gpu.sh results" "" \
    "$ENV_LINE" ""
 
 # Minimum seconds of each step, in order: each step keeps the minimums of the steps after it.
-MINS=(15 20 20 20 10 20 20 60 60)
+MINS=(15 20 20 20 25 10 20 20 60 60)
 reserve() { local i sum=0; for (( i = $1 + 1; i < ${#MINS[@]}; i++ )); do sum=$(( sum + MINS[i] )); done; echo $sum; }
 
 md "## 1. Device self-check" ""
@@ -187,20 +191,22 @@ md "" "## 4. Checkpoint analysis on the GPU" ""
 step "4 checkpoint analysis" 75 "${MINS[3]}" "$(reserve 3)" -- \
     "${BENCH[@]}" checkpoint --dir "$WORK/gpt2" --json-dir "$WORK/json" "${CK[@]}"
 rm -rf "$WORK/gpt2"
+md ""
+step "4b Llama-2-7B shapes on the device" 90 "${MINS[4]}" "$(reserve 4)" -- "${BENCH[@]}" llama "${LL[@]}"
 
 md "" "## 5. Data and training throughput" ""
-step "5a data" 60 "${MINS[4]}" "$(reserve 4)" -- \
+step "5a data" 60 "${MINS[5]}" "$(reserve 5)" -- \
     "${BENCH[@]}" prepare --data-dir "$DATA_DIR" --label "$DATA_KIND" --batch "$T_BATCH" --eval-batch "$T_EVAL"
 md "" "Harness runs (ResNet18 width $T_WIDTH, $T_EPOCHS epochs, bf16 on CUDA, the in-memory data path); steady = median of" \
    "epochs 2+; fixed overhead = process wall - epochs x (steady epoch + checkpoint)." ""
 md "| method | batch / eval batch | train images | epoch 1 (s) | steady epoch (s) | images/s | checkpoint (s) | fixed overhead (s) | process wall (s) | compile |" \
    "|---|---|---|---|---|---|---|---|---|---|"
 TRAIN=(train --epochs "$T_EPOCHS" --width "$T_WIDTH" --batch "$T_BATCH" --eval-batch "$T_EVAL" --data-dir "$DATA_DIR" --tag throughput --row)
-step "5b throughput cal" 60 "${MINS[5]}" "$(reserve 5)" -- "${BENCH[@]}" "${TRAIN[@]}" --method cal \
+step "5b throughput cal" 60 "${MINS[6]}" "$(reserve 6)" -- "${BENCH[@]}" "${TRAIN[@]}" --method cal \
     --out "$WORK/runs/thr_cal" --json "$WORK/json/thr_cal.json" --started "$(date +%s.%N)"
-step "5c throughput tb" 60 "${MINS[6]}" "$(reserve 6)" -- "${BENCH[@]}" "${TRAIN[@]}" --method tb \
+step "5c throughput tb" 60 "${MINS[7]}" "$(reserve 7)" -- "${BENCH[@]}" "${TRAIN[@]}" --method tb \
     --out "$WORK/runs/thr_tb" --json "$WORK/json/thr_tb.json" --started "$(date +%s.%N)"
-step "5d throughput tb torch.compile" 150 "${MINS[7]}" "$(reserve 7)" -- "${BENCH[@]}" "${TRAIN[@]}" --method tb \
+step "5d throughput tb torch.compile" 150 "${MINS[8]}" "$(reserve 8)" -- "${BENCH[@]}" "${TRAIN[@]}" --method tb \
     --compile --compile-backend "$BACKEND" --out "$WORK/runs/thr_tb_compiled" --json "$WORK/json/thr_tb_compiled.json" \
     --started "$(date +%s.%N)"
 

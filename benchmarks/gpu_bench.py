@@ -466,6 +466,83 @@ def cmd_checkpoint(args) -> int:
     return 0
 
 
+class _OverTime(Exception):
+    """Raised from the progress hook when a timed analysis passes its cap."""
+
+
+class _LayerClock:
+    """A progress hook for ``analyze_checkpoint``: counts finished layers and stops the analysis
+    (raises :class:`_OverTime`) once ``cap`` seconds have passed since ``start``."""
+
+    def __init__(self, start: float, cap: float) -> None:
+        self.start, self.cap, self.layers = start, cap, 0
+
+    def update(self, n: int = 1) -> None:
+        self.layers += n
+        if time.perf_counter() - self.start > self.cap:
+            raise _OverTime
+
+
+def cmd_llama(args) -> int:
+    """Llama-2-7B-shaped bf16 weights made on the device (no file: the disk is not what is timed), then
+    the checkpoint analysis there (`analyze_checkpoint` of that state dict): the compute that issue #12
+    wants in <= 30 s on a GPU, and the time per block to extrapolate to 70B."""
+    import torch
+    from checkpoint_analysis import SHAPES, tensor_shapes
+
+    from tempbalance.checkpoint_analysis import analyze_checkpoint
+    from tempbalance.checkpoint_files import open_checkpoint
+
+    md = Markdown(args.md)
+    dev = torch.device(args.device)
+    full = SHAPES["llama7b"].scaled(16) if args.tiny else SHAPES["llama7b"]
+    generator = torch.Generator(device=dev).manual_seed(0)
+
+    def weights(blocks: int) -> dict[str, Any]:
+        shapes = tensor_shapes(type(full)(**{**vars(full), "blocks": blocks}))
+        return {key: torch.ones(s, dtype=torch.bfloat16, device=dev) if len(s) == 1 else
+                (torch.randn(s, generator=generator, device=dev) * 0.02).to(torch.bfloat16) for key, s in shapes.items()}
+
+    def timed(state: dict[str, Any]) -> tuple[float, int, bool]:
+        sync(dev)
+        start = time.perf_counter()
+        clock = _LayerClock(start, args.cap)
+        try:
+            analyze_checkpoint(open_checkpoint(state), device=dev, progress=clock)
+        except _OverTime:
+            return time.perf_counter() - start, clock.layers, False
+        sync(dev)
+        return time.perf_counter() - start, clock.layers, True
+
+    label = "Llama-2-7B shapes / 16 (dry run)" if args.tiny else "Llama-2-7B shapes"
+    md.line(f"{label}: {full.blocks} blocks, hidden {full.hidden}, intermediate {full.intermediate}, vocab {full.vocab}; "
+            f"random bf16 weights made on {describe(dev)}, analysed there by `analyze_checkpoint` (median fit; "
+            f"cut at {args.cap:g} s). Goal (issue #12): 32 blocks in <= 30 s of compute on a GPU.")
+    md.line()
+    md.table("blocks", "layers", "seconds", "finished", "peak device memory (GB)")
+    timed({"warm.weight": torch.randn(256, 512, device=dev)})  # solver libraries and workspaces loaded
+    results = {}
+    for blocks in (1, full.blocks):
+        state = weights(blocks)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        seconds, layers, finished = timed(state)
+        peak = f"{torch.cuda.max_memory_allocated(dev) / 1e9:.1f}" if dev.type == "cuda" else "-"
+        del state
+        results[blocks] = (seconds, finished)
+        md.row(blocks, layers, f"{seconds:.1f}", "yes" if finished else f"no: cut at {args.cap:g} s", peak)
+    (one, one_done), (all_, all_done) = results[1], results[full.blocks]
+    md.line()
+    if one_done and all_done:
+        per_block = (all_ - one) / (full.blocks - 1)
+        verdict = "met" if all_ <= 30 else "missed"
+        md.line(f"Per block (T({full.blocks}) - T(1)) / {full.blocks - 1} = {per_block:.2f} s; {full.blocks} blocks "
+                f"{all_:.1f} s: the 30 s goal is **{verdict}**" + (" (dry-run sizes: not the goal's)" if args.tiny else "") + ".")
+    else:
+        md.line(f"The {full.blocks}-block analysis did not finish within {args.cap:g} s: the 30 s goal is **missed**.")
+    return 0
+
+
 # ---------------------------------------------------------------- 5./6. harness runs
 
 
@@ -646,6 +723,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices", nargs="+", default=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--timeout", type=float, default=40)
+    p = sub.add_parser("llama")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="every width / 16 (dry run)")
+    p.add_argument("--cap", type=float, default=60, help="seconds after which an analysis is cut (default 60)")
     p = sub.add_parser("train")
     for name, kind, default in (("method", str, "cal"), ("epochs", int, 1), ("lr", float, 0.1), ("wd", float, 5e-4),
                                 ("seed", int, 43), ("width", float, 1.0), ("tag", str, "gpu"),
@@ -670,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     commands = {"make-tar": cmd_make_tar, "synthetic": cmd_synthetic, "prepare": cmd_prepare, "env": cmd_env,
                 "selfcheck": cmd_selfcheck, "analysis": cmd_analysis, "rebalance": cmd_rebalance,
-                "checkpoint": cmd_checkpoint, "train": cmd_train, "plan": cmd_plan, "compare": cmd_compare}
+                "checkpoint": cmd_checkpoint, "llama": cmd_llama, "train": cmd_train, "plan": cmd_plan, "compare": cmd_compare}
     return commands[args.cmd](args)
 
 

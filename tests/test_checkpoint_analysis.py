@@ -355,6 +355,31 @@ def test_interrupted_analysis_resumes_without_redoing_finished_tensors(tmp_path,
     assert_same_report(resumed, expected)
 
 
+def test_each_tensor_is_prefetched_while_the_one_before_it_is_read(tmp_path, monkeypatch):
+    directory = write_checkpoint(tmp_path / "ckpt")
+    expected = tb.analyze(directory, keep_eigenvalues=True)
+    events = []
+    original_prefetch = checkpoint_files.SafetensorsShard.prefetch
+
+    def prefetch(shard, key):
+        events.append(("prefetch", key))
+        original_prefetch(shard, key)
+
+    def read(shard, key):
+        events.append(("read", key))
+        return READ(shard, key)
+
+    monkeypatch.setattr(checkpoint_files.SafetensorsShard, "prefetch", prefetch)
+    monkeypatch.setattr(checkpoint_files.SafetensorsShard, "read", read)
+    report = tb.analyze(directory, keep_eigenvalues=True)
+    reads = [key for kind, key in events if kind == "read"]
+    assert sorted(reads) == sorted(f"model.layers.{i}.mlp.up_proj.weight" for i in range(12))
+    # the next tensor's hint comes just before the current tensor is read, across shard boundaries too
+    expected_events = [e for i, key in enumerate(reads) for e in ([("prefetch", reads[i + 1])] if i + 1 < len(reads) else []) + [("read", key)]]
+    assert events == expected_events
+    assert_same_report(report, expected)
+
+
 def test_journal_survives_a_torn_line_and_refuses_other_settings(tmp_path):
     directory = write_checkpoint(tmp_path / "ckpt")
     journal = tmp_path / "partial.jsonl"

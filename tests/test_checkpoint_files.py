@@ -4,6 +4,7 @@ the tensor lists read from headers, and one clear error per kind of broken input
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
@@ -41,6 +42,45 @@ def test_header_gives_shapes_and_dtypes_without_reading_data(tmp_path):
     infos = {i.key: (i.shape, i.dtype, i.stored_dtype) for i in shard.tensors()}
     assert infos == {"a.weight": ((3, 4), torch.float32, "F32"), "b.weight": ((5, 2), torch.bfloat16, "BF16")}
     assert torch.equal(shard.read("b.weight"), torch.zeros(5, 2).bfloat16())
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this platform")
+def test_prefetch_asks_the_os_for_exactly_that_tensors_bytes(tmp_path, monkeypatch):
+    tensors = {"a.weight": torch.randn(3, 4), "b.weight": torch.randn(5, 7).bfloat16(), "c.bias": torch.randn(6).half()}
+    path = tmp_path / "m.safetensors"
+    save_st(path, tensors)
+    hints = []
+
+    def fadvise(descriptor, offset, length, advice):
+        hints.append((os.readlink(f"/proc/self/fd/{descriptor}") if os.path.isdir("/proc/self/fd") else str(path),
+                      offset, length, advice))
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    shard = SafetensorsShard(path)
+    raw = path.read_bytes()
+    for key, tensor in tensors.items():
+        hints.clear()
+        shard.prefetch(key)
+        [(file, offset, length, advice)] = hints
+        assert os.path.samefile(file, path) and advice == os.POSIX_FADV_WILLNEED
+        expected = tensor.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()  # its bytes, as stored
+        assert raw[offset : offset + length] == expected, key
+
+
+def test_a_failed_prefetch_is_only_logged(tmp_path, monkeypatch, caplog):
+    save_st(tmp_path / "m.safetensors", {"a.weight": torch.randn(3, 4)})
+    shard = SafetensorsShard(tmp_path / "m.safetensors")
+
+    def refuse(*args):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse, raising=False)
+    with caplog.at_level("DEBUG", logger="tempbalance.checkpoint_files"):
+        shard.prefetch("a.weight")
+    assert "prefetch" in caplog.text and "Invalid argument" in caplog.text
+    monkeypatch.delattr(os, "posix_fadvise")
+    shard.prefetch("a.weight")  # a platform without it: nothing to do
+    assert shard.read("a.weight").shape == (3, 4)
 
 
 def test_natural_order_and_prefix_stripping():

@@ -3,6 +3,9 @@ buckets keep the order, precision rules, clamping and no autograd."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -114,7 +117,7 @@ def test_non_finite_stack_gets_none_and_others_are_solved(bad):
     np.testing.assert_allclose(spectra[2].numpy(), svd_sq(other[0]), rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("side", [100, 256, 300, 512, 600])
+@pytest.mark.parametrize("side", [1, 100, 128, 129, 256, 300, 600, 1100])
 def test_blocked_gram_lower_triangle_equals_full_product(side):
     from tempbalance.spectrum import gram_lower_
 
@@ -127,6 +130,22 @@ def test_blocked_gram_lower_triangle_equals_full_product(side):
     assert torch.isfinite(out).all()  # the skipped upper blocks are zeroed, not left as garbage
     eigs = gram_eigenvalues(mats)
     np.testing.assert_allclose(eigs[0].numpy(), svd_sq(mats[0]), rtol=1e-9, atol=1e-9)
+
+
+def test_gram_product_keeps_no_reference_to_its_inputs():
+    """Released by reference counting alone (a recursion through a closure would be a cycle that
+    keeps every streamed weight alive until the garbage collector runs)."""
+    from tempbalance.spectrum import gram_lower_
+
+    mats, out = torch.randn(1, 600, 700), torch.empty(1, 600, 600)
+    watched = [weakref.ref(mats), weakref.ref(out)]
+    gc.disable()
+    try:
+        gram_lower_(mats, out)
+        del mats, out
+        assert [ref() for ref in watched] == [None, None]
+    finally:
+        gc.enable()
 
 
 # ---------------------------------------------------------------- precision of the Gram products

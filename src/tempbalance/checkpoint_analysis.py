@@ -248,26 +248,32 @@ def _stream(
     progress: Any,
 ) -> Iterator[tuple[list[PlannedTensor], list[list[LayerRecord]]]]:
     """Yield ``(tensors, their records)`` batch by batch: shard by shard, tensors of one shape
-    together, at most ``batch_bytes`` of upcast weights per batch (a larger tensor goes alone)."""
+    together, at most ``batch_bytes`` of upcast weights per batch (a larger tensor goes alone).
+    Before a tensor is read, the next one is prefetched (:meth:`Shard.prefetch`), so the disk
+    works while the eigensolver does."""
     by_shard: dict[int, list[PlannedTensor]] = {}
     for p in planned:
         by_shard.setdefault(id(p.info.shard), []).append(p)
-    for members in by_shard.values():
-        members = sorted(members, key=lambda p: (p.info.shape, p.key))
-        batch: list[PlannedTensor] = []
-        refs: list[LayerRef] = []
-        size = 0
-        for p in members:
-            weight = _upcast(p.info.shard.read(p.key), device)
-            batch.append(p)
-            refs.extend(_with_weight(p, weight))
-            size += weight.numel() * weight.element_size()
-            del weight
-            if size >= batch_bytes:
-                yield batch, _measure(batch, refs, options, progress)
-                batch, refs, size = [], [], 0
-        if batch:
+    order = [p for members in by_shard.values() for p in sorted(members, key=lambda p: (p.info.shape, p.key))]
+    batch: list[PlannedTensor] = []
+    refs: list[LayerRef] = []
+    size = 0
+    for index, p in enumerate(order):
+        if batch and p.info.shard is not batch[-1].info.shard:
             yield batch, _measure(batch, refs, options, progress)
+            batch, refs, size = [], [], 0
+        if index + 1 < len(order):
+            order[index + 1].info.shard.prefetch(order[index + 1].key)
+        weight = _upcast(p.info.shard.read(p.key), device)
+        batch.append(p)
+        refs.extend(_with_weight(p, weight))
+        size += weight.numel() * weight.element_size()
+        del weight
+        if size >= batch_bytes:
+            yield batch, _measure(batch, refs, options, progress)
+            batch, refs, size = [], [], 0
+    if batch:
+        yield batch, _measure(batch, refs, options, progress)
 
 
 def _measure(batch: list[PlannedTensor], refs: list[LayerRef], options: AnalysisOptions, progress: Any) -> list[list[LayerRecord]]:

@@ -129,12 +129,19 @@ class Shard:
         mapping of this tensor alone: nothing else of the file stays in memory)."""
         raise NotImplementedError
 
+    def prefetch(self, key: str) -> None:
+        """Let the operating system start reading ``key``'s bytes in the background, so that a
+        later :meth:`read` finds them in the page cache (does nothing where that is unsupported)."""
+
 
 # ----------------------------------------------------------------------------- safetensors
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     """The tensor entries of a safetensors file's JSON header, validated against the file size.
+
+    Each entry gains ``file_offsets``: its data's ``[begin, end)`` bytes counted from the start of
+    the file (``data_offsets`` count from the end of the header).
 
     Raises:
         CheckpointFileError: a file too short for its header, a header that is not JSON, an
@@ -163,7 +170,9 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     for key, entry in header.items():
         if key == "__metadata__":
             continue
-        entries[key] = _checked_entry(path, key, entry, data_bytes)
+        entry = _checked_entry(path, key, entry, data_bytes)
+        begin, end = entry["data_offsets"]
+        entries[key] = {**entry, "file_offsets": [8 + length + begin, 8 + length + end]}
     return entries
 
 
@@ -212,6 +221,19 @@ class SafetensorsShard(Shard):
             dtype = SAFETENSORS_FLOATS.get(name, SAFETENSORS_SKIPPED.get(name))
             out.append(TensorInfo(key, tuple(entry["shape"]), dtype, name, self))
         return out
+
+    def prefetch(self, key: str) -> None:
+        if not hasattr(os, "posix_fadvise"):
+            return
+        begin, end = self._entries[key]["file_offsets"]
+        try:
+            descriptor = os.open(self.path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(descriptor, begin, end - begin, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(descriptor)
+        except OSError as exc:  # only a hint: reading will report a real problem
+            logger.debug("prefetch of %r from %s failed: %s", key, self.path, exc)
 
     def read(self, key: str) -> torch.Tensor:
         try:

@@ -139,31 +139,38 @@ def compute_dtype(weight_dtype: torch.dtype, precision: str = "auto") -> torch.d
     return torch.float64 if weight_dtype == torch.float64 else torch.float32
 
 
-def _gram_blocks(side: int) -> int:
-    """Row blocks of the lower-triangle Gram product: 4 from side 512, 2 from 256, else 1."""
-    return 4 if side >= 512 else 2 if side >= 256 else 1
+_GRAM_LEAF = 128  # rows of the diagonal blocks computed as full products
 
 
 def gram_lower_(mats: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Write the Gram matrices ``mats @ mats^T`` of a wide stack into ``out``, lower triangle
-    only (the upper block triangle is zeroed; ``eigvalsh`` reads the lower one).
+    only (the blocks above the diagonal blocks are zeroed; ``eigvalsh`` reads the lower triangle).
 
-    Computed in row blocks (block ``b`` against the rows up to its end), which skips up to
-    3/8 of the multiply-adds of the full product for large sides.
+    Computed by halving: the two diagonal halves recursively, the block below them as one
+    product, down to diagonal blocks of 128 rows, which are full products. For large sides that
+    skips close to half of the multiply-adds of the full product (48% at side 4096) while every
+    product stays large.
 
     Args:
         mats: ``(batch, m, n)`` with ``m <= n``.
-        out: ``(batch, m, m)`` contiguous, same dtype and device.
+        out: ``(batch, m, m)``, same dtype and device.
     """
-    side = mats.shape[1]
-    blocks = _gram_blocks(side)
-    edges = [side * b // blocks for b in range(blocks + 1)]
-    for b in range(blocks):
-        lo, hi = edges[b], edges[b + 1]
-        torch.matmul(mats[:, lo:hi], mats[:, :hi].transpose(1, 2), out=out[:, lo:hi, :hi])
-        if hi < side:
-            out[:, lo:hi, hi:] = 0
+    _gram_lower_rows(mats, out, 0, mats.shape[1])
     return out
+
+
+def _gram_lower_rows(mats: torch.Tensor, out: torch.Tensor, lo: int, hi: int) -> None:
+    """:func:`gram_lower_` for rows ``lo:hi`` (a module-level recursion: a nested one would be a
+    reference cycle that keeps ``mats`` and ``out`` alive until the garbage collector runs)."""
+    if hi - lo <= _GRAM_LEAF:
+        rows = mats[:, lo:hi]
+        torch.matmul(rows, rows.transpose(1, 2), out=out[:, lo:hi, lo:hi])
+        return
+    mid = (lo + hi) // 2
+    _gram_lower_rows(mats, out, lo, mid)
+    _gram_lower_rows(mats, out, mid, hi)
+    torch.matmul(mats[:, mid:hi], mats[:, lo:mid].transpose(1, 2), out=out[:, mid:hi, lo:mid])
+    out[:, lo:mid, mid:hi] = 0
 
 
 @torch.no_grad()

@@ -107,3 +107,12 @@ def test_bench_train_leaves_torch_and_the_loop_as_they_were(gpu_bench, tmp_path)
         gpu_bench.main(["train", "--data-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "run"),
                         "--json", str(tmp_path / "run.json"), "--compile", "--compile-backend", "eager"])
     assert (torch.compile, loop.save_checkpoint) == before
+
+
+def test_llama_step_reports_a_cut_analysis_as_a_missed_goal(gpu_bench, tmp_path):
+    md = tmp_path / "results.md"
+    assert gpu_bench.main(["--md", str(md), "llama", "--tiny", "--device", "cpu", "--cap", "0"]) == 0
+    text = md.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 32 |")]
+    assert len(rows) == 2 and all("no: cut at 0 s" in row for row in rows), text
+    assert "did not finish within 0 s: the 30 s goal is **missed**" in text

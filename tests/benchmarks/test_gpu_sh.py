@@ -21,7 +21,8 @@ from tests.helpers.paths import REPO
 SCRIPT = REPO / "benchmarks" / "gpu.sh"
 SECTIONS = ["1. Device self-check", "2. Analysis speed", "3. One rebalance vs one epoch",
             "4. Checkpoint analysis on the GPU", "5. Data and training throughput", "6. CAL vs TB"]
-STEPS = ["1 device self-check", "2 analysis speed", "3 rebalance vs epoch", "4 checkpoint analysis", "5a data",
+STEPS = ["1 device self-check", "2 analysis speed", "3 rebalance vs epoch", "4 checkpoint analysis",
+         "4b Llama-2-7B shapes on the device", "5a data",
          "5b throughput cal", "5c throughput tb", "5d throughput tb torch.compile", "6 CAL vs TB"]
 REASON = re.compile(r"\*\*(skipped|failed|timed out)[^*]*\*\*")
 
@@ -120,9 +121,13 @@ def test_dry_run_with_a_tiny_tar(tmp_path):
     analysis = _data_rows(sections["2. Analysis speed"])
     assert [row[0].split()[0] for row in analysis] == ["resnet18", "vgg16", "wrn28-6"]
     assert all(row[-1] == "0.0e+00" for row in analysis), analysis
-    # the checkpoint step: one row with an exit status (a failure reason until directories are supported)
-    ckpt = _data_rows(sections["4. Checkpoint analysis on the GPU"])
-    assert len(ckpt) == 1 and ckpt[0][0] == "cpu" and (ckpt[0][1] == "0" or ckpt[0][4].startswith("failed:"))
+    # the checkpoint step: the GPT-2 directory analysed (exit status 0), then the Llama-2-7B shapes
+    # (widths / 16 here): 1 block and 32, every layer of each (9 and 226), both finished, and the verdict
+    gpt2, *llama = _data_rows(sections["4. Checkpoint analysis on the GPU"])
+    assert gpt2[:2] == ["cpu", "0"], gpt2
+    assert [row[:2] for row in llama] == [["1", "9"], ["32", "226"]] and all(row[3] == "yes" for row in llama), llama
+    assert re.search(r"Per block \(T\(32\) - T\(1\)\) / 31 = [\d.]+ s; 32 blocks [\d.]+ s: the 30 s goal is \*\*(met|missed)\*\*",
+                     sections["4. Checkpoint analysis on the GPU"])
     # throughput: the three runs, every batch full, two graphs under torch.compile
     rows = _data_rows(sections["5. Data and training throughput"])
     data_row, runs = rows[0], rows[1:]

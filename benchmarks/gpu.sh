@@ -8,7 +8,7 @@
 #   4. checkpoint analysis on the GPU: a GPT-2-small-shaped Hugging Face directory (random weights)
 #      generated there, timed through `tempbalance analyze DIR --device cuda` (and cpu); then Llama-2-7B
 #      shapes (1 and 32 blocks of random bf16 weights made on the GPU, no file) analysed there: the
-#      compute the checkpoint issue wants in <= 30 s, and the time per block;
+#      compute the checkpoint issue wants in <= 30 s, and the time per block (then again with MAGMA);
 #   5. the data (decoded once, cached) and the harness's training throughput: CAL, TB, and TB under
 #      torch.compile (every batch full: two graphs; compile time apart from steady-state images/s);
 #   6. CAL vs TB, ResNet18 on CIFAR-10, 2 seeds, the 4 runs side by side, epochs planned from the
@@ -192,7 +192,7 @@ step "4 checkpoint analysis" 75 "${MINS[3]}" "$(reserve 3)" -- \
     "${BENCH[@]}" checkpoint --dir "$WORK/gpt2" --json-dir "$WORK/json" "${CK[@]}"
 rm -rf "$WORK/gpt2"
 md ""
-step "4b Llama-2-7B shapes on the device" 90 "${MINS[4]}" "$(reserve 4)" -- "${BENCH[@]}" llama "${LL[@]}"
+step "4b Llama-2-7B shapes on the device" 120 "${MINS[4]}" "$(reserve 4)" -- "${BENCH[@]}" llama "${LL[@]}"
 
 md "" "## 5. Data and training throughput" ""
 step "5a data" 60 "${MINS[5]}" "$(reserve 5)" -- \

@@ -540,6 +540,19 @@ def cmd_llama(args) -> int:
                 f"{all_:.1f} s: the 30 s goal is **{verdict}**" + (" (dry-run sizes: not the goal's)" if args.tiny else "") + ".")
     else:
         md.line(f"The {full.blocks}-block analysis did not finish within {args.cap:g} s: the 30 s goal is **missed**.")
+    if dev.type == "cuda":  # the other CUDA eigensolver backend, for the record (torch's default is cuSOLVER)
+        md.line()
+        previous = torch.backends.cuda.preferred_linalg_library()
+        try:
+            torch.backends.cuda.preferred_linalg_library("magma")
+            timed({"warm.weight": torch.randn(256, 512, device=dev)})
+            seconds, layers, finished = timed(weights(full.blocks))
+            md.line(f"With MAGMA (`torch.backends.cuda.preferred_linalg_library('magma')`): {full.blocks} blocks, "
+                    f"{layers} layers in {seconds:.1f} s" + ("" if finished else f" (cut at {args.cap:g} s)") + ".")
+        except Exception as error:  # noqa: BLE001 - a build without MAGMA: say so, keep the rows above
+            md.line(f"With MAGMA: not measured ({first_line(error)}).")
+        finally:
+            torch.backends.cuda.preferred_linalg_library(previous)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -499,7 +500,7 @@ def cmd_llama(args) -> int:
     generator = torch.Generator(device=dev).manual_seed(0)
 
     def weights(blocks: int) -> dict[str, Any]:
-        shapes = tensor_shapes(type(full)(**{**vars(full), "blocks": blocks}))
+        shapes = tensor_shapes(dataclasses.replace(full, blocks=blocks))
         return {key: torch.ones(s, dtype=torch.bfloat16, device=dev) if len(s) == 1 else
                 (torch.randn(s, generator=generator, device=dev) * 0.02).to(torch.bfloat16) for key, s in shapes.items()}
 
@@ -520,7 +521,8 @@ def cmd_llama(args) -> int:
             f"cut at {args.cap:g} s). Goal (issue #12): 32 blocks in <= 30 s of compute on a GPU.")
     md.line()
     md.table("blocks", "layers", "seconds", "finished", "peak device memory (GB)")
-    timed({"warm.weight": torch.randn(256, 512, device=dev)})  # solver libraries and workspaces loaded
+    warm = {"warm.weight": torch.randn(256, 512, device=dev)}
+    timed(warm)  # solver libraries and workspaces loaded
     results = {}
     for blocks in (1, full.blocks):
         state = weights(blocks)
@@ -545,7 +547,7 @@ def cmd_llama(args) -> int:
         previous = torch.backends.cuda.preferred_linalg_library()
         try:
             torch.backends.cuda.preferred_linalg_library("magma")
-            timed({"warm.weight": torch.randn(256, 512, device=dev)})
+            timed(warm)
             seconds, layers, finished = timed(weights(full.blocks))
             md.line(f"With MAGMA (`torch.backends.cuda.preferred_linalg_library('magma')`): {full.blocks} blocks, "
                     f"{layers} layers in {seconds:.1f} s" + ("" if finished else f" (cut at {args.cap:g} s)") + ".")
